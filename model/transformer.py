@@ -1,0 +1,212 @@
+"""A Llama-style decoder with multi-token prediction heads (Gloeckle et al. 2024).
+
+Layout and weight names follow Meta's released MTP checkpoints:
+
+    tok_embeddings -> layers[0 .. L-2]  (the shared trunk)
+                   -> layers[L-1]       (head 1: next token)
+                   -> extra_heads[j]    (head j+2: token t+j+2), each reading the trunk output
+    every head     -> norm -> output    (one final norm and one unembedding shared by all heads)
+
+With n_future_tokens = 1 there are no extra heads and this is a plain Llama model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .mtp_loss import head_targets, naive_mtp_loss, sequential_mtp_loss
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as Meta's reference does) and cast back, so bf16 runs stay stable.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (B or 1, T, head_dim/2) for integer positions of shape (B or 1, T)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as Meta's complex-number formulation does.
+
+    x: (B, T, H, D); cos/sin: (B or 1, T, D/2). Hugging Face's Llama rotates halves instead, which is
+    why the export permutes the rows of wq and wk.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, rope, cache=None, attn_mask=None):
+        """cache, when given, has `update(k, v) -> (k_all, v_all)` and then attn_mask must be given
+        (boolean, True where attention is allowed, shape broadcastable to (B, H, T, S))."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, -1, self.head_dim)
+        k = self.wk(x).view(B, T, -1, self.head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, rope, cache=None, attn_mask=None):
+        x = x + self.attention(self.attention_norm(x), rope, cache, attn_mask)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+@dataclass
+class MTPOutput:
+    loss: torch.Tensor | None = None  # weighted sum of the head losses (what is back-propagated)
+    head_losses: torch.Tensor | None = None  # (n,) mean cross-entropy of each head, detached
+    logits: torch.Tensor | None = None  # (B, T, V) for head 1, or (n, B, T, V) with all_heads=True
+
+
+class MTPTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, loss_impl: str = "sequential", ce_chunk_tokens: int | None = None):
+        super().__init__()
+        if loss_impl not in ("sequential", "naive"):
+            raise ValueError(f"loss_impl must be 'sequential' or 'naive', got {loss_impl!r}")
+        self.cfg = cfg
+        self.loss_impl = loss_impl
+        self.ce_chunk_tokens = ce_chunk_tokens
+        # Set by the trainer: called as hook(params, ready) around the sequential heads' inner
+        # backward passes, so a data-parallel engine reduces shared gradients only once.
+        self.grad_ready_hook = None
+        vocab = cfg.padded_vocab_size
+        self.tok_embeddings = nn.Embedding(vocab, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers - cfg.n_future_tokens + 1))
+        self.extra_heads = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_future_tokens - 1))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, vocab, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def reset_parameters(self) -> None:
+        # GPT-2/Megatron scheme: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2 * depth).
+        std = self.cfg.init_std
+        out_std = std / (2 * self.cfg.n_layers) ** 0.5
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    @property
+    def n_future_tokens(self) -> int:
+        return self.cfg.n_future_tokens
+
+    def head_block(self, k: int) -> TransformerBlock:
+        """The transformer block of head k (0-based: 0 predicts the next token)."""
+        return self.layers[-1] if k == 0 else self.extra_heads[k - 1]
+
+    def shared_head_parameters(self) -> list[nn.Parameter]:
+        return [self.norm.weight, self.output.weight]
+
+    def rope(self, positions: torch.Tensor):
+        return rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+
+    def trunk(self, tokens, rope, caches=None, attn_mask=None):
+        """Embedding and the shared blocks; returns the input of every head's block."""
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers[:-1]):
+            h = layer(h, rope, None if caches is None else caches[i], attn_mask)
+        return h
+
+    def head_forward(self, k, h, rope, cache=None, attn_mask=None):
+        """Head k's block on the trunk output, before the shared norm."""
+        return self.head_block(k)(h, rope, cache, attn_mask)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """Shared norm and unembedding; padded vocabulary rows are sliced off."""
+        return self.output(self.norm(x))[..., : self.cfg.vocab_size]
+
+    def forward(self, tokens, labels=None, *, all_heads: bool = False, return_logits: bool | None = None,
+                grad_scale: float = 1.0) -> MTPOutput:
+        """tokens: (B, T) inputs. labels: (B, >= T) where labels[:, j] is the token after position j, so head k
+        (1-based) at position t is trained on labels[:, t + k - 1]; positions past the end of labels, and
+        labels equal to ignore_index, are masked. A sample of seq_len + n tokens gives every head a target.
+
+        grad_scale: the factor the caller's backward will apply to the loss (1 / gradient accumulation steps,
+        times the fp16 loss scale). The sequential path computes head gradients inside this call and needs it.
+        """
+        B, T = tokens.shape
+        positions = torch.arange(T, device=tokens.device).unsqueeze(0)
+        rope = self.rope(positions)
+        h = self.trunk(tokens, rope)
+        if return_logits is None:
+            return_logits = labels is None
+        out = MTPOutput()
+        n_heads = self.n_future_tokens if (all_heads or labels is not None) else 1
+
+        if labels is not None and (self.loss_impl == "sequential" and not return_logits):
+            targets = head_targets(labels, T, self.n_future_tokens, self.cfg.ignore_index)
+            out.loss, out.head_losses = sequential_mtp_loss(self, h, rope, targets, grad_scale)
+            return out
+
+        logits = torch.stack([self.unembed(self.head_forward(k, h, rope)) for k in range(n_heads)])
+        if labels is not None:
+            targets = head_targets(labels, T, self.n_future_tokens, self.cfg.ignore_index)
+            out.loss, out.head_losses = naive_mtp_loss(logits, targets, self.cfg.loss_weights, self.cfg.ignore_index)
+        if return_logits:
+            out.logits = logits if all_heads else logits[0]
+        return out

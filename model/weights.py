@@ -1,0 +1,81 @@
+"""A consolidated model on disk: params.json (Meta's keys plus ours) and model.safetensors (Meta's names).
+
+This is what training writes at the end, what export to Hugging Face reads and what generation loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, ModelConfig
+from .transformer import MTPTransformer
+
+PARAMS_FILE = "params.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def model_config_to_json(cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_json(data: dict, source: str = PARAMS_FILE) -> ModelConfig:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown model keys {', '.join(unknown)}")
+    return ModelConfig(**data)
+
+
+def state_dict_for_save(model: MTPTransformer) -> dict[str, torch.Tensor]:
+    # A tied unembedding is stored once, under tok_embeddings (as Hugging Face does).
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("output.weight", None)
+    return sd
+
+
+def save_model(model: MTPTransformer, out_dir: str | Path, extra_files: dict[str, str | Path] | None = None) -> Path:
+    """Write params.json + model.safetensors (+ copies of extra_files, e.g. the tokenizer) atomically:
+    into a temporary folder beside out_dir, renamed over it once complete."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        (tmp / PARAMS_FILE).write_text(json.dumps(model_config_to_json(model.cfg), indent=2) + "\n")
+        save_file(state_dict_for_save(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               **model_kwargs) -> MTPTransformer:
+    path = Path(path)
+    params = path / PARAMS_FILE
+    weights = path / WEIGHTS_FILE
+    for f in (params, weights):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing; expected a folder written by save_model ({PARAMS_FILE}, {WEIGHTS_FILE})")
+    cfg = model_config_from_json(json.loads(params.read_text()), str(params))
+    model = MTPTransformer(cfg, **model_kwargs)
+    sd = load_file(str(weights))
+    if cfg.tie_embeddings:
+        sd.setdefault("output.weight", sd["tok_embeddings.weight"])
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights}: does not match {params}: missing {missing}, unexpected {unexpected}")
+    return model.to(device=device, dtype=dtype) if dtype else model.to(device)

@@ -1,0 +1,269 @@
+"""The one configuration system: typed dataclasses, loaded from YAML or JSON, overridden from the command line.
+
+    cfg = load_config(TrainConfig, "configs/tiny.yaml", ["--model.n_future_tokens", "4"])
+
+Unknown keys, wrong types and impossible combinations fail at load time with a ConfigError naming the key.
+Every entry point (training, preprocessing, generation, conversion) builds its options this way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mtplm.model.config import ConfigError, ModelConfig
+
+__all__ = ["ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "TrainLoopConfig", "TrainConfig",
+           "load_config", "from_dict", "to_dict", "parse_overrides"]
+
+
+@dataclass
+class DataConfig:
+    # Dataset prefixes (path without .idx/.bin) written by mtp-preprocess, blended by `weights`.
+    datasets: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)  # empty: proportional to each dataset's tokens
+    split: list[float] = field(default_factory=lambda: [0.98, 0.02, 0.0])  # train/valid/test, by documents
+    seq_len: int = 2048
+    seed: int = 1234
+    cache_dir: str | None = None  # sample/shuffle index cache; default: next to the data
+    num_workers: int = 2
+    # Checked against each dataset's manifest, so a model never trains on ids from another tokenizer.
+    tokenizer: str | None = None
+
+    def validate(self) -> None:
+        if self.seq_len < 1:
+            raise ConfigError(f"data.seq_len: must be >= 1, got {self.seq_len}")
+        if self.weights and len(self.weights) != len(self.datasets):
+            raise ConfigError(f"data.weights: {len(self.weights)} weights for {len(self.datasets)} datasets")
+        if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
+            raise ConfigError(f"data.weights: must be >= 0 with a positive sum, got {self.weights}")
+        if len(self.split) != 3 or any(s < 0 for s in self.split) or sum(self.split) <= 0:
+            raise ConfigError(f"data.split: expected three non-negative ratios (train, valid, test), got {self.split}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+
+    __post_init__ = validate
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables; written into the DeepSpeed config as gradient_clipping
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas: expected two values in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
+
+    __post_init__ = validate
+
+
+@dataclass
+class TrainLoopConfig:
+    steps: int = 1000  # optimizer steps
+    micro_batch_size: int = 8  # per data-parallel rank
+    grad_accum_steps: int = 1
+    loss_impl: str = "sequential"  # "sequential" (memory-flat in n) or "naive" (reference)
+    ce_chunk_tokens: int = 0  # tokens per cross-entropy chunk; 0 picks chunk logits ~ hidden-state size
+    activation_checkpointing: bool = False  # recompute trunk blocks in backward
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 200  # 0 disables validation
+    eval_iters: int = 10
+    out_dir: str = "runs/default"
+    save_interval: int = 0  # 0: save only at the end
+    keep_last: int = 3
+    resume: str = "none"  # "none", "auto" (newest complete checkpoint in out_dir), or a checkpoint path
+    deepspeed_config: str | None = None  # JSON; also accepted as --deepspeed_config (the launcher's spelling)
+    metrics_file: str = "metrics.jsonl"  # in out_dir, rank 0 only
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("ce_chunk_tokens", "eval_interval", "eval_iters", "save_interval", "keep_last"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.loss_impl not in ("sequential", "naive"):
+            raise ConfigError(f"train.loss_impl: expected 'sequential' or 'naive', got {self.loss_impl!r}")
+
+    __post_init__ = validate
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is dict or typing.get_origin(tp) is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a plain dict, checking keys and types; nested dataclasses recurse."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + u for u in unknown)}; "
+            f"valid keys{' under ' + prefix if prefix else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--model.dim', '64', '--train.steps=10'] -> {'model': {'dim': 64}, 'train': {'steps': 10}}.
+
+    Values are read as YAML scalars or flow lists ('4', '3e-4', 'true', '[1, 0.3]'); '--flag' alone means true.
+    """
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key value")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                raw, i = args[i + 1], i + 1
+            else:
+                raw = "true"
+        i += 1
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--{key}: {part} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    data = read_config_file(path) if path else {}
+    if overrides:
+        data = merge(data, parse_overrides(overrides))
+    return from_dict(cls, data)
+
+
+def config_error_exit(e: ConfigError, prog: str = "") -> typing.NoReturn:
+    print(f"{prog + ': ' if prog else ''}configuration error: {e}", file=sys.stderr)
+    raise SystemExit(2)
