@@ -35,18 +35,25 @@ def head_targets(labels: torch.Tensor, seq_len: int, n: int, ignore_index: int) 
     return torch.stack([labels[:, k : k + seq_len] for k in range(n)])
 
 
-def naive_mtp_loss(logits: torch.Tensor, targets: torch.Tensor, weights, ignore_index: int):
-    """logits (n, B, T, V), targets (n, B, T) -> (weighted total, per-head mean losses)."""
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int):
+    """Summed cross-entropy of (N, padded_vocab) logits, in fp32; padded vocabulary rows are excluded.
+
+    This is the model's default `loss_fn`; tensor parallelism swaps in a vocabulary-parallel one.
+    """
+    return F.cross_entropy(logits[:, :vocab_size].float(), targets, ignore_index=ignore_index, reduction="sum")
+
+
+def naive_mtp_loss(model, padded_logits: torch.Tensor, targets: torch.Tensor):
+    """padded_logits (n, B, T, padded V), targets (n, B, T) -> (weighted total, per-head mean losses)."""
+    cfg = model.cfg
     head_losses = []
-    total = logits.new_zeros((), dtype=torch.float32)
-    for k in range(logits.shape[0]):
-        valid = (targets[k] != ignore_index).sum()
-        loss_sum = F.cross_entropy(
-            logits[k].flatten(0, 1).float(), targets[k].flatten(), ignore_index=ignore_index, reduction="sum"
-        )
+    total = padded_logits.new_zeros((), dtype=torch.float32)
+    for k in range(padded_logits.shape[0]):
+        valid = (targets[k] != cfg.ignore_index).sum()
+        loss_sum = model.loss_fn(padded_logits[k].flatten(0, 1), targets[k].flatten(), cfg.vocab_size, cfg.ignore_index)
         loss_k = loss_sum / valid.clamp(min=1)
         head_losses.append(loss_k.detach())
-        total = total + weights[k] * loss_k
+        total = total + cfg.loss_weights[k] * loss_k
     return total, torch.stack(head_losses)
 
 
@@ -121,8 +128,8 @@ def _run_heads(model, h_leaf, rope, targets, grad_scale, needs_grad):
         for i, s in enumerate(starts):
             e = min(s + chunk, n_tokens)
             z_chunk = z_detached[s:e].requires_grad_(needs_grad)
-            logits = model.output(z_chunk)[:, : cfg.vocab_size].float()
-            chunk_loss = F.cross_entropy(logits, tgt[s:e], ignore_index=cfg.ignore_index, reduction="sum")
+            logits = model.output(z_chunk)
+            chunk_loss = model.loss_fn(logits, tgt[s:e], cfg.vocab_size, cfg.ignore_index)
             loss_sum += chunk_loss.detach()
             if needs_grad and coef > 0:
                 _set_ready(model, [out_w], out_last_use_here and last_head and i == len(starts) - 1)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .mtp_loss import head_targets, naive_mtp_loss, sequential_mtp_loss
+from .mtp_loss import cross_entropy_sum, head_targets, naive_mtp_loss, sequential_mtp_loss
 
 
 class RMSNorm(nn.Module):
@@ -129,6 +129,8 @@ class MTPTransformer(nn.Module):
         # Set by the trainer: called as hook(params, ready) around the sequential heads' inner
         # backward passes, so a data-parallel engine reduces shared gradients only once.
         self.grad_ready_hook = None
+        # (padded logits, targets, vocab_size, ignore_index) -> summed loss; tensor parallelism replaces it.
+        self.loss_fn = cross_entropy_sum
         vocab = cfg.padded_vocab_size
         self.tok_embeddings = nn.Embedding(vocab, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers - cfg.n_future_tokens + 1))
@@ -203,10 +205,11 @@ class MTPTransformer(nn.Module):
             out.loss, out.head_losses = sequential_mtp_loss(self, h, rope, targets, grad_scale)
             return out
 
-        logits = torch.stack([self.unembed(self.head_forward(k, h, rope)) for k in range(n_heads)])
+        padded_logits = torch.stack([self.output(self.norm(self.head_forward(k, h, rope))) for k in range(n_heads)])
         if labels is not None:
             targets = head_targets(labels, T, self.n_future_tokens, self.cfg.ignore_index)
-            out.loss, out.head_losses = naive_mtp_loss(logits, targets, self.cfg.loss_weights, self.cfg.ignore_index)
+            out.loss, out.head_losses = naive_mtp_loss(self, padded_logits, targets)
         if return_logits:
+            logits = padded_logits[..., : self.cfg.vocab_size]
             out.logits = logits if all_heads else logits[0]
         return out
