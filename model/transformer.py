@@ -55,14 +55,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.flatten(-2).type_as(x)
 
 
+def linear(in_dim: int, out_dim: int, std: float) -> nn.Linear:
+    # Each module initialises its own weights when built, so construction under DeepSpeed's zero.Init
+    # (which partitions every submodule as soon as it exists) gives the same values as plain construction.
+    layer = nn.Linear(in_dim, out_dim, bias=False)
+    nn.init.normal_(layer.weight, 0.0, std)
+    return layer
+
+
+def residual_std(cfg: ModelConfig) -> float:
+    """GPT-2/Megatron: output projections into the residual stream get std / sqrt(2 * depth)."""
+    return cfg.init_std / (2 * cfg.n_layers) ** 0.5
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
+        self.wk = linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wv = linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wo = linear(cfg.n_heads * cfg.head_dim, cfg.dim, residual_std(cfg))
 
     def forward(self, x, rope, cache=None, attn_mask=None):
         """cache, when given, has `update(k, v) -> (k_all, v_all)` and then attn_mask must be given
@@ -90,9 +103,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_hidden_dim, cfg.dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)
+        self.w1 = linear(cfg.dim, cfg.ffn_hidden_dim, cfg.init_std)
+        self.w2 = linear(cfg.ffn_hidden_dim, cfg.dim, residual_std(cfg))
+        self.w3 = linear(cfg.dim, cfg.ffn_hidden_dim, cfg.init_std)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -133,25 +146,13 @@ class MTPTransformer(nn.Module):
         self.loss_fn = cross_entropy_sum
         vocab = cfg.padded_vocab_size
         self.tok_embeddings = nn.Embedding(vocab, cfg.dim)
+        nn.init.normal_(self.tok_embeddings.weight, 0.0, cfg.init_std)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers - cfg.n_future_tokens + 1))
         self.extra_heads = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_future_tokens - 1))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, vocab, bias=False)
-        self.reset_parameters()
+        self.output = linear(cfg.dim, vocab, cfg.init_std)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-
-    def reset_parameters(self) -> None:
-        # GPT-2/Megatron scheme: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2 * depth).
-        std = self.cfg.init_std
-        out_std = std / (2 * self.cfg.n_layers) ** 0.5
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, 0.0, out_std)
-            else:
-                nn.init.normal_(p, 0.0, std)
 
     @property
     def n_future_tokens(self) -> int:

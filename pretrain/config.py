@@ -64,9 +64,12 @@ class TrainLoopConfig:
     save_interval: int = 0  # 0: save only at the end
     keep_last: int = 3
     resume: str = "none"  # "none", "auto" (newest complete checkpoint in out_dir), or a checkpoint path
+    # Start from a consolidated model's weights (not its optimizer); n_future_tokens may differ (see init_from.py).
+    init_from: str | None = None
+    save_final: bool = True
     deepspeed_config: str | None = None  # JSON; also accepted as --deepspeed_config (the launcher's spelling)
     metrics_file: str = "metrics.jsonl"  # in out_dir, rank 0 only
-    tensorboard: bool = False
+    peak_tflops: float = 0.0  # accelerator peak for MFU; 0 looks the GPU up in a table
 
     def validate(self) -> None:
         for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval"):
@@ -138,6 +141,11 @@ def _convert(value, tp, key: str):
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

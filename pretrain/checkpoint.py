@@ -1,0 +1,190 @@
+"""Training checkpoints on top of DeepSpeed's: layout, the `latest` pointer, pruning, RNG and config checks.
+
+    <out_dir>/checkpoints/latest                        the newest *complete* tag, replaced atomically
+    <out_dir>/checkpoints/step_00000100/                DeepSpeed's files (model, optimizer, LR schedule)
+    <out_dir>/checkpoints/step_00000100/mtp_config.json the full training config
+    <out_dir>/checkpoints/step_00000100/rng_rank{r}.pt  each rank's RNG states
+    <out_dir>/checkpoints/step_00000100/COMPLETE        written last, after every rank finished
+
+DeepSpeed's own `latest` file is not used (save_latest=False): it is written before other ranks are
+known to be done, so a crash could leave it pointing at a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig, to_dict
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+CONFIG_FILE = "mtp_config.json"
+_TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {
+        "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
+        "python_pos": torch.tensor(random.getstate()[2] if random.getstate()[2] is not None else -1),
+        "numpy_keys": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": torch.tensor(np.random.get_state()[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((3, tuple(int(x) for x in state["python"].tolist()), int(state["python_pos"]) if int(state["python_pos"]) >= 0 else None))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(engine, cfg: TrainConfig, step: int, client_state: dict) -> Path:
+    """Collective: every rank must call it. Returns the tag folder."""
+    root = checkpoint_dir(cfg.train.out_dir)
+    tag = tag_for(step)
+    rank = dist.get_rank()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    folder = root / tag
+    torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        _atomic_write(folder / CONFIG_FILE, json.dumps(to_dict(cfg), indent=2) + "\n")
+        (folder / COMPLETE).write_text(str(step) + "\n")
+        _atomic_write(root / LATEST, tag + "\n")
+        prune(root, cfg.train.keep_last)
+    dist.barrier()
+    return folder
+
+
+def complete_tags(root: Path) -> list[str]:
+    tags = [p.name for p in root.iterdir() if _TAG_RE.match(p.name) and (p / COMPLETE).is_file()] if root.is_dir() else []
+    return sorted(tags, key=lambda t: int(_TAG_RE.match(t).group(1)))
+
+
+def prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    tags = complete_tags(root)
+    for tag in tags[:-keep_last]:
+        shutil.rmtree(root / tag, ignore_errors=True)
+    # Folders without COMPLETE older than the newest complete one are debris of an interrupted save.
+    if tags:
+        newest = int(_TAG_RE.match(tags[-1]).group(1))
+        for p in root.iterdir():
+            m = _TAG_RE.match(p.name)
+            if m and int(m.group(1)) < newest and not (p / COMPLETE).is_file():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
+    """'none' -> None; 'auto' -> newest complete checkpoint in out_dir (or None); else a checkpoints folder or tag."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        root = checkpoint_dir(out_dir)
+        latest = root / LATEST
+        if latest.is_file():
+            tag = latest.read_text().strip()
+            if (root / tag / COMPLETE).is_file():
+                return root / tag
+        tags = complete_tags(root)
+        return root / tags[-1] if tags else None
+    path = Path(resume)
+    if (path / LATEST).is_file():
+        path = path / path.joinpath(LATEST).read_text().strip()
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint (no {COMPLETE} marker); "
+                                f"give a checkpoints folder with a '{LATEST}' file, or a step_* folder")
+    return path
+
+
+# Fields whose change makes a checkpoint a different model or different data; refused on resume.
+_MUST_MATCH = [("model", k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "n_future_tokens",
+                                      "multiple_of", "ffn_dim_multiplier", "tie_embeddings", "vocab_pad_multiple")]
+_MUST_MATCH += [("data", "tokenizer"), ("data", "seq_len"), ("data", "datasets"), ("data", "seed"),
+                ("train", "micro_batch_size"), ("train", "grad_accum_steps")]
+
+
+def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    current = to_dict(cfg)
+    diffs = []
+    for section, key in _MUST_MATCH:
+        a, b = saved.get(section, {}).get(key), current[section][key]
+        if a != b:
+            diffs.append(f"{section}.{key}: checkpoint {a!r}, this run {b!r}")
+    return diffs
+
+
+def load_checkpoint(engine, cfg: TrainConfig, folder: Path) -> dict:
+    saved = json.loads((folder / CONFIG_FILE).read_text())
+    diffs = config_differences(saved, cfg)
+    if diffs:
+        raise ValueError(
+            f"cannot resume from {folder}: its configuration differs from this run's:\n  " + "\n  ".join(diffs)
+            + "\nTo start a changed model from these weights (e.g. n_future_tokens 4 -> 1 for fine-tuning), use "
+              "--train.init_from with a consolidated model instead of --train.resume."
+        )
+    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    if client_state is None:
+        raise ValueError(f"{folder}: DeepSpeed could not load this checkpoint")
+    rng_file = folder / f"rng_rank{dist.get_rank()}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return client_state
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT (a cluster's pre-emption) into a request to checkpoint and stop after this step.
+
+    A second signal restores the default handler, so a stuck run can still be killed."""
+
+    def __init__(self):
+        self.requested = False
+        self.signum = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def agreed(self, device) -> bool:
+        """True on every rank if any rank was signalled (ranks must stop at the same step to save together)."""
+        flag = torch.tensor([1 if self.requested else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,91 @@
+"""Assemble the DeepSpeed config: ZeRO, precision and communication come from the JSON in ds_configs/;
+batch sizes, optimizer, LR schedule and clipping come from the training config, so each value has one
+source. Values the JSON repeats must agree, or start-up stops with both values named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig
+
+# Written by the trainer from the training config; a JSON that sets them differently is refused.
+_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def read_ds_json(path: str | Path | None) -> dict:
+    if path is None:
+        return {"zero_optimization": {"stage": 0}}
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"train.deepspeed_config: cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def precision(ds: dict) -> str:
+    if ds.get("bf16", {}).get("enabled", False):
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled", False):
+        return "fp16"
+    return "fp32"
+
+
+def build_ds_config(cfg: TrainConfig, ds_path: str | Path | None, dp_world_size: int, on_cpu: bool) -> dict:
+    ds = read_ds_json(ds_path)
+    src = str(ds_path) if ds_path else "the default DeepSpeed config"
+    t, o = cfg.train, cfg.optim
+
+    expected = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * dp_world_size,
+    }
+    for key in _BATCH_KEYS:
+        if key in ds and ds[key] != expected[key]:
+            where = {"train_micro_batch_size_per_gpu": "train.micro_batch_size",
+                     "gradient_accumulation_steps": "train.grad_accum_steps",
+                     "train_batch_size": f"train.micro_batch_size x train.grad_accum_steps x data-parallel size "
+                                         f"({t.micro_batch_size} x {t.grad_accum_steps} x {dp_world_size})"}[key]
+            raise ConfigError(f"{src}: {key} is {ds[key]} but {where} gives {expected[key]}; remove it from the "
+                              f"JSON (the trainer fills it in) or make them agree")
+    if "gradient_clipping" in ds and float(ds["gradient_clipping"]) != o.grad_clip:
+        raise ConfigError(f"{src}: gradient_clipping is {ds['gradient_clipping']} but optim.grad_clip is "
+                          f"{o.grad_clip}; they must agree")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"{src}: has an '{key}' section; set optim.* in the training config instead "
+                              f"(the trainer writes DeepSpeed's '{key}' from it, so there is one source of truth)")
+    if precision(ds) == "fp16" and on_cpu:
+        raise ConfigError(f"{src}: fp16 is not supported by DeepSpeed's CPU accelerator; use bf16 or fp32 on CPU")
+
+    ds.update(expected)
+    ds["gradient_clipping"] = o.grad_clip
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in (None, "none")
+    adam_params = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    if on_cpu and not offload:
+        # torch's AdamW: DeepSpeed's fused Adam is a GPU kernel; on CPU it would JIT-build for nothing.
+        adam_params["torch_adam"] = True
+    ds["optimizer"] = {"type": "AdamW", "params": adam_params}
+    ds["scheduler"] = {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": t.steps,
+            "warmup_num_steps": min(o.warmup_steps, t.steps),
+            "warmup_min_ratio": 0.0,
+            "warmup_type": "linear",
+            "cos_min_ratio": o.min_lr_ratio,
+        },
+    }
+    ds.setdefault("steps_per_print", 10**9)  # the trainer logs; DeepSpeed's own step prints are noise
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds

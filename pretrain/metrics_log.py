@@ -1,0 +1,91 @@
+"""Training logs: a per-rank log file, rank 0's console (a progress bar in a terminal, plain lines otherwise),
+a JSONL metrics file, and TensorBoard through DeepSpeed's monitor when its config enables one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def rank_logger(out_dir: Path, rank: int) -> logging.Logger:
+    """Every rank logs to out_dir/logs/rank{r}.log; rank 0 also to stderr."""
+    log = logging.getLogger(f"mtplm.rank{rank}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not log.handlers:
+        (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+        fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%Y-%m-%d %H:%M:%S")
+        fh = logging.FileHandler(out_dir / "logs" / f"rank{rank}.log")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+        if rank == 0:
+            sh = logging.StreamHandler(sys.stderr)
+            sh.setFormatter(fmt)
+            log.addHandler(sh)
+    return log
+
+
+def format_metrics(step: int, total_steps: int, m: dict) -> str:
+    heads = " ".join(f"{x:.3f}" for x in m["head_losses"])
+    parts = [f"step {step}/{total_steps}", f"loss {m['loss']:.4f}", f"heads [{heads}]", f"lr {m['lr']:.2e}",
+             f"grad_norm {m['grad_norm']:.3f}", f"tok/s {m['tokens_per_s']:.0f}"]
+    if "mfu" in m:
+        parts.append(f"mfu {100 * m['mfu']:.1f}%")
+    if "peak_mem_gb" in m:
+        parts.append(f"mem {m['peak_mem_gb']:.1f}GB")
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: Path, rank: int, total_steps: int, start_step: int, metrics_file: str, monitor=None):
+        self.rank = rank
+        self.total_steps = total_steps
+        self.log = rank_logger(out_dir, rank)
+        self.monitor = monitor if (monitor is not None and getattr(monitor, "enabled", False)) else None
+        self.jsonl = open(out_dir / metrics_file, "a") if rank == 0 else None
+        self.bar = None
+        if rank == 0 and sys.stderr.isatty():
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
+
+    def write(self, step: int, kind: str, metrics: dict, echo: bool) -> None:
+        if self.rank != 0:
+            return
+        record = {"kind": kind, "step": step, **metrics}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.monitor is not None:
+            events = [(f"{kind}/{k}", v, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+            events += [(f"{kind}/head{i + 1}_loss", v, step) for i, v in enumerate(metrics.get("head_losses", []))]
+            self.monitor.write_events(events)
+        if kind == "train":
+            if self.bar is not None:
+                self.bar.n = step
+                self.bar.set_postfix_str(f"loss {metrics['loss']:.3f} heads "
+                                         + " ".join(f"{x:.2f}" for x in metrics["head_losses"]))
+                if echo:
+                    self.bar.write(format_metrics(step, self.total_steps, metrics))
+            elif echo:
+                self.log.info(format_metrics(step, self.total_steps, metrics))
+        else:
+            heads = " ".join(f"{x:.3f}" for x in metrics["head_losses"])
+            line = f"{kind} step {step} | loss {metrics['loss']:.4f} | heads [{heads}]"
+            self.bar.write(line) if self.bar is not None else self.log.info(line)
+
+    def info(self, msg: str) -> None:
+        if self.bar is not None and self.rank == 0:
+            self.bar.write(msg)
+            for h in self.log.handlers:
+                if isinstance(h, logging.FileHandler):
+                    h.emit(self.log.makeRecord(self.log.name, logging.INFO, "", 0, msg, None, None))
+        else:
+            self.log.info(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

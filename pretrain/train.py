@@ -1,0 +1,54 @@
+"""Training entry point.
+
+    deepspeed [launcher options] pretrain/train.py --config configs/tiny.yaml \
+        --deepspeed_config ds_configs/zero1.json [--section.key value ...]
+    mtp-train --config configs/tiny.yaml            # a single process, no launcher needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Run as a file (the deepspeed launcher's way), Python puts pretrain/ first on sys.path, where config.py
+# and checkpoint.py would shadow any top-level module of those names. Imports here are all mtplm.*.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+from mtplm.pretrain.config import ConfigError, TrainConfig, config_error_exit, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(
+        prog="mtp-train", description="Pretrain a multi-token prediction model with DeepSpeed.",
+        epilog="Any config key can be overridden as --section.key value, e.g. --model.n_future_tokens 4.")
+    parser.add_argument("--config", help="YAML or JSON training config")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                        help="DeepSpeed JSON (ZeRO, precision); same as --train.deepspeed_config")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; LOCAL_RANK from the environment is used")
+    args, overrides = parser.parse_known_args(argv)
+    if args.deepspeed_config:
+        overrides += ["--train.deepspeed_config", args.deepspeed_config]
+    try:
+        return load_config(TrainConfig, args.config, overrides)
+    except ConfigError as e:
+        config_error_exit(e, "mtp-train")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    from mtplm.pretrain.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"mtp-train: {e}", file=sys.stderr)
+        return 2
+    result = trainer.train()
+    return 0 if not result.stopped_by_signal else 143
+
+
+if __name__ == "__main__":
+    sys.exit(main())

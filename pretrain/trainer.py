@@ -1,0 +1,269 @@
+"""The training loop on a DeepSpeed engine: build, (resume,) train, validate, log, checkpoint."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mtplm.model.flops import count_params, flops_per_token
+from mtplm.model.transformer import MTPTransformer
+
+from .activation_checkpointing import apply_activation_checkpointing
+from .checkpoint import StopSignal, load_checkpoint, resolve_resume, save_checkpoint
+from .config import TrainConfig
+from .distributed import DistInfo, init_distributed
+from .ds_config import build_ds_config, precision, zero_stage
+from .init_from import load_initial_weights
+from .metrics_log import MetricsLogger
+
+# Dense bf16 peak of common accelerators, for MFU; override with train.peak_tflops.
+_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_log: list[dict] = field(default_factory=list)  # one record per optimizer step (rank 0's view)
+    eval_log: list[dict] = field(default_factory=list)
+    stopped_by_signal: bool = False
+
+
+def ds_grad_ready_hook(params, ready: bool) -> None:
+    """ZeRO reduces a gradient as soon as its hook fires; the sequential heads produce the shared norm's and
+    unembedding's gradient once per head, so they are held back until the last head (DeepSpeed's own
+    TiledFusedLogitsLoss uses the same flag)."""
+    for p in params:
+        p.ds_grad_is_ready = ready
+
+
+def loss_grad_scale(engine) -> float:
+    """The factor engine.backward() applies to the loss: 1/GAS, times the fp16 loss scale if any."""
+    scale = 1.0
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is not None and hasattr(scaler, "cur_scale"):
+        scale = float(scaler.cur_scale)
+    return scale / engine.gradient_accumulation_steps()
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: norms (1-D) are not decayed, as in Megatron and nanoGPT."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def peak_flops(cfg: TrainConfig) -> float | None:
+    if cfg.train.peak_tflops > 0:
+        return cfg.train.peak_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in _PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data_loaders=None, dist_info: DistInfo | None = None):
+        """data_loaders: for tests, a callable consumed_samples -> (train, valid); by default built from cfg.data."""
+        self.cfg = cfg
+        self.dist = dist_info or init_distributed()
+        import deepspeed
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.out_dir = Path(cfg.train.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        t = cfg.train
+        model = MTPTransformer(cfg.model, loss_impl=t.loss_impl, ce_chunk_tokens=t.ce_chunk_tokens or None)
+        if t.init_from:
+            load_initial_weights(model, t.init_from)
+        if t.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        self.dp_world = self.dist.world_size
+        ds_cfg = build_ds_config(cfg, t.deepspeed_config, self.dp_world, self.dist.on_cpu)
+        self.zero_stage, self.precision = zero_stage(ds_cfg), precision(ds_cfg)
+        if self.zero_stage > 0:
+            model.grad_ready_hook = ds_grad_ready_hook
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg,
+            dist_init_required=False)
+        self.model = model
+        self.logger = MetricsLogger(self.out_dir, self.dist.rank, t.steps, 0, t.metrics_file,
+                                    getattr(self.engine, "monitor", None))
+
+        self.step, self.consumed_samples = 0, 0
+        resume_from = resolve_resume(t.resume, t.out_dir)
+        if resume_from is not None:
+            state = load_checkpoint(self.engine, cfg, resume_from)
+            self.step, self.consumed_samples = int(state["step"]), int(state["consumed_samples"])
+            self.logger.info(f"resumed from {resume_from} at step {self.step} "
+                             f"({self.consumed_samples} samples consumed)")
+        build = data_loaders or self._build_loaders
+        self.train_loader, self.valid_loader = build(self.consumed_samples)
+        self._describe()
+
+    def _build_loaders(self, consumed_samples: int):
+        from mtplm.data.loader import build_data_loaders
+        from mtplm.data.tokenizer import load_tokenizer
+
+        tok_sha = load_tokenizer(self.cfg.data.tokenizer).sha256 if self.cfg.data.tokenizer else None
+        return build_data_loaders(
+            self.cfg.data, n_future_tokens=self.cfg.model.n_future_tokens, vocab_size=self.cfg.model.vocab_size,
+            micro_batch_size=self.cfg.train.micro_batch_size, dp_rank=self.dist.rank,
+            dp_world_size=self.dp_world, consumed_train_samples=consumed_samples,
+            pin_memory=not self.dist.on_cpu, tokenizer_sha256=tok_sha)
+
+    def _describe(self) -> None:
+        c = count_params(self.cfg.model)
+        f = flops_per_token(self.cfg.model, self.cfg.data.seq_len)
+        self.logger.info(
+            f"model: {c.total / 1e6:.2f}M parameters (embedding {c.embedding / 1e6:.2f}M, trunk blocks "
+            f"{c.trunk_blocks / 1e6:.2f}M, {self.cfg.model.n_future_tokens} heads {c.heads / 1e6:.2f}M, norm+unembedding "
+            f"{c.shared_head / 1e6:.2f}M); {f.training / 1e6:.1f} MFLOP/token per training step "
+            f"(trunk fwd {f.trunk_forward / 1e6:.1f}, heads fwd {f.heads_forward / 1e6:.1f})")
+        self.logger.info(
+            f"world {self.dist.world_size} on {'CPU' if self.dist.on_cpu else 'GPU'}, ZeRO-{self.zero_stage}, "
+            f"{self.precision}, micro-batch {self.cfg.train.micro_batch_size} x accumulation "
+            f"{self.cfg.train.grad_accum_steps} x data-parallel {self.dp_world}, loss path {self.cfg.train.loss_impl}")
+
+    def _split(self, batch: torch.Tensor):
+        batch = batch.to(self.engine.device, non_blocking=True)
+        seq_len = self.cfg.data.seq_len
+        return batch[:, :seq_len], batch[:, 1:]
+
+    def _reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().float().to(self.engine.device)
+        if self.dp_world > 1:
+            dist.all_reduce(t)
+            t = t / self.dp_world
+        return t
+
+    def train_step(self, batches) -> dict:
+        head_sum = torch.zeros(self.cfg.model.n_future_tokens)
+        loss_sum = 0.0
+        gas = self.cfg.train.grad_accum_steps
+        grad_norm = None
+        for micro in range(gas):
+            tokens, labels = self._split(next(batches))
+            out = self.engine(tokens, labels, grad_scale=loss_grad_scale(self.engine))
+            self.engine.backward(out.loss)
+            if micro == gas - 1 and self.zero_stage == 0 and self.precision == "fp32":
+                # DeepSpeed clips but does not keep the norm on this path; the gradients are already averaged.
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            self.engine.step()
+            head_sum += out.head_losses.detach().float().cpu()
+            loss_sum += float(out.loss.detach())
+        head_losses = self._reduce_mean(head_sum / gas).cpu()
+        loss = float(self._reduce_mean(torch.tensor(loss_sum / gas)))
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        return {"loss": loss, "head_losses": [float(x) for x in head_losses],
+                "lr": float(self.engine.get_lr()[0]),
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        if self.valid_loader is None or self.cfg.train.eval_iters == 0:
+            return None
+        self.engine.eval()
+        head_sum, count = torch.zeros(self.cfg.model.n_future_tokens), 0
+        for i, batch in enumerate(self.valid_loader):
+            if i >= self.cfg.train.eval_iters:
+                break
+            tokens, labels = self._split(batch)
+            head_sum += self.engine(tokens, labels).head_losses.float().cpu()
+            count += 1
+        self.engine.train()
+        if count == 0:
+            return None
+        head_losses = self._reduce_mean(head_sum / count).cpu()
+        weights = torch.tensor(self.cfg.model.loss_weights)
+        return {"loss": float((weights * head_losses).sum()), "head_losses": [float(x) for x in head_losses]}
+
+    def save(self) -> None:
+        folder = save_checkpoint(self.engine, self.cfg, self.step,
+                                 {"step": self.step, "consumed_samples": self.consumed_samples})
+        self.logger.info(f"saved checkpoint {folder}")
+
+    def save_consolidated(self, folder: Path) -> Path:
+        """Collective: full weights (gathered under ZeRO-3) written by rank 0 as a consolidated model folder,
+        with the tokenizer beside it, for generation and export."""
+        import deepspeed
+
+        from mtplm.model.weights import save_model
+
+        extra = {}
+        if self.cfg.data.tokenizer and Path(self.cfg.data.tokenizer).is_file():
+            extra["tokenizer.model"] = self.cfg.data.tokenizer
+        params = list(self.model.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.zero_stage == 3):
+            if self.dist.rank == 0:
+                save_model(self.model, folder, extra)
+        dist.barrier()
+        return folder
+
+    def train(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        result = TrainResult(step=self.step)
+        stop = StopSignal()
+        batches = iter(self.train_loader)
+        samples_per_step = t.micro_batch_size * t.grad_accum_steps * self.dp_world
+        tokens_per_step = samples_per_step * cfg.data.seq_len
+        flops_token = flops_per_token(cfg.model, cfg.data.seq_len).training
+        peak = None if self.dist.on_cpu else peak_flops(cfg)
+        if not self.dist.on_cpu:
+            torch.cuda.reset_peak_memory_stats()
+        last_time, last_step = time.perf_counter(), self.step
+        try:
+            while self.step < t.steps:
+                metrics = self.train_step(batches)
+                self.step += 1
+                self.consumed_samples += samples_per_step
+                now = time.perf_counter()
+                metrics["tokens_per_s"] = tokens_per_step * (self.step - last_step) / max(now - last_time, 1e-9)
+                metrics["tokens_per_s_per_rank"] = metrics["tokens_per_s"] / self.dist.world_size
+                metrics["consumed_samples"] = self.consumed_samples
+                if peak:
+                    metrics["mfu"] = metrics["tokens_per_s_per_rank"] * flops_token / peak
+                if not self.dist.on_cpu:
+                    metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                last_time, last_step = now, self.step
+                if not math.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}")
+                result.train_log.append({"step": self.step, **metrics})
+                self.logger.write(self.step, "train", metrics, echo=self.step % t.log_interval == 0
+                                  or self.step == t.steps)
+                if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                    ev = self.evaluate()
+                    if ev is not None:
+                        result.eval_log.append({"step": self.step, **ev})
+                        self.logger.write(self.step, "valid", ev, echo=True)
+                    last_time = time.perf_counter()  # evaluation is not training throughput
+                if stop.agreed(self.engine.device):
+                    self.logger.info(f"stop requested (signal {stop.signum}); checkpointing at step {self.step}")
+                    self.save()
+                    result.stopped_by_signal = True
+                    break
+                if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
+                    self.save()
+                    last_time = time.perf_counter()
+            else:
+                if t.save_final:
+                    self.save()
+                    final = self.save_consolidated(self.out_dir / "final")
+                    self.logger.info(f"wrote consolidated model {final}")
+        finally:
+            stop.restore()
+            self.logger.close()
+        result.step = self.step
+        return result
