@@ -57,10 +57,13 @@ def naive_mtp_loss(model, padded_logits: torch.Tensor, targets: torch.Tensor):
     return total, torch.stack(head_losses)
 
 
-def default_chunk_tokens(n_tokens: int, dim: int, vocab: int) -> int:
-    # Liger-Kernel's rule: make one chunk's logits about as large as the hidden states.
+def default_chunk_tokens(n_tokens: int, dim: int, vocab: int, min_chunk: int = 1024) -> int:
+    """Liger-Kernel's rule (one chunk's logits about as large as the hidden states), but never below
+    min_chunk tokens: every chunk re-reads and re-writes the whole unembedding gradient (vocab x dim),
+    so tiny chunks turn the loss memory-bound. 1024 tokens keep that traffic a few percent of the matmuls."""
     n_chunks = max(1, math.ceil(vocab / dim))
-    return max(1, 1 << math.ceil(math.log2(max(1, math.ceil(n_tokens / n_chunks)))))
+    liger = 1 << math.ceil(math.log2(max(1, math.ceil(n_tokens / n_chunks))))
+    return max(1, min(n_tokens, max(liger, min_chunk)))
 
 
 class _SequentialHeads(torch.autograd.Function):

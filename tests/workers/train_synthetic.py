@@ -4,10 +4,16 @@ Samples are a pure function of their global index; each optimizer step's micro-b
 data-parallel ranks the way the real loader does, so a DP=2 run and a DP=1 run with twice the gradient
 accumulation see the same samples per optimizer step. Rank 0 writes train_log.json beside the checkpoints.
 
-    python tests/workers/train_synthetic.py [--sample_extra K] --section.key value ...
+    python tests/workers/train_synthetic.py [--sample_extra K] [--kill_after_step K] [--sigterm_after_step K]
+        --section.key value ...
+
+--kill_after_step K: SIGKILL every rank once step K is done (a crash between checkpoints);
+--sigterm_after_step K: send SIGTERM to itself after step K (a cluster pre-empting the job).
 """
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -41,13 +47,31 @@ class SyntheticLoader:
             i += self.mb * self.world
 
 
+def pop_flag(argv, name):
+    if name not in argv:
+        return None
+    k = argv.index(name)
+    value = int(argv[k + 1])
+    del argv[k:k + 2]
+    return value
+
+
+class FaultyTrainer(Trainer):
+    kill_after = sigterm_after = None
+
+    def train_step(self, batches):
+        if self.step == self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.step == self.sigterm_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().train_step(batches)
+
+
 def main():
     argv = sys.argv[1:]
-    extra = None
-    if "--sample_extra" in argv:
-        k = argv.index("--sample_extra")
-        extra = int(argv[k + 1])
-        del argv[k:k + 2]
+    extra = pop_flag(argv, "--sample_extra")
+    FaultyTrainer.kill_after = pop_flag(argv, "--kill_after_step")
+    FaultyTrainer.sigterm_after = pop_flag(argv, "--sigterm_after_step")
     cfg = parse_args(argv)
     extra = cfg.model.n_future_tokens if extra is None else extra
     from mtplm.pretrain.distributed import init_distributed
@@ -56,7 +80,7 @@ def main():
     # Resume support: the loader starts at the checkpoint's consumed samples.
     loaders = lambda consumed: (SyntheticLoader(cfg, info.rank, info.world_size, extra, consumed),
                                 SyntheticLoader(cfg, 0, 1, extra, 10**6))
-    trainer = Trainer(cfg, data_loaders=loaders, dist_info=info)
+    trainer = FaultyTrainer(cfg, data_loaders=loaders, dist_info=info)
     result = trainer.train()
     if info.rank == 0:
         Path(cfg.train.out_dir, "train_log.json").write_text(json.dumps(
