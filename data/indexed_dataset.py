@@ -1,0 +1,155 @@
+"""Megatron-LM's indexed dataset format (.idx + .bin), so Megatron/GPT-NeoX data and ours are interchangeable.
+
+.idx, little-endian:
+    b"MMIDIDX\\x00\\x00"        magic (9 bytes)
+    u64 version = 1
+    u8  dtype code              1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 6 float64, 7 float32, 8 uint16
+    u64 sequence count S
+    u64 document count D + 1
+    i32[S] sequence lengths (tokens)
+    i64[S] sequence pointers (byte offsets into .bin)
+    i64[D + 1] document indices (sequence index where each document starts, then S)
+.bin: the tokens of every sequence, back to back, in that dtype.
+
+We write one sequence per document. Both files are written under temporary names and renamed when complete
+(.bin first, .idx last), so an interrupted write never leaves a pair that looks finished.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
+CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+_HEADER = len(MAGIC) + 8 + 1 + 8 + 8
+
+
+class DatasetFormatError(ValueError):
+    """A .idx/.bin pair that is not a valid indexed dataset; the message names the file."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.int32)
+
+
+def idx_path(prefix) -> Path:
+    return Path(f"{prefix}.idx")
+
+
+def bin_path(prefix) -> Path:
+    return Path(f"{prefix}.bin")
+
+
+def write_index(path: Path, dtype: np.dtype, lengths: np.ndarray, doc_indices: np.ndarray | None = None) -> None:
+    lengths = np.asarray(lengths, dtype=np.int32)
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    if len(lengths) > 1:
+        np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(dtype).itemsize, out=pointers[1:])
+    if doc_indices is None:
+        doc_indices = np.arange(len(lengths) + 1, dtype=np.int64)
+    with open(path, "wb") as f:
+        f.write(MAGIC)
+        f.write(struct.pack("<Q", VERSION))
+        f.write(struct.pack("<B", CODES[np.dtype(dtype)]))
+        f.write(struct.pack("<Q", len(lengths)))
+        f.write(struct.pack("<Q", len(doc_indices)))
+        f.write(lengths.tobytes(order="C"))
+        f.write(pointers.tobytes(order="C"))
+        f.write(np.asarray(doc_indices, dtype=np.int64).tobytes(order="C"))
+
+
+class IndexedDatasetWriter:
+    """Append documents (token arrays); `finish()` makes the pair visible, `abort()` removes the partial one."""
+
+    def __init__(self, prefix: str | Path, dtype: np.dtype):
+        self.prefix = Path(prefix)
+        self.dtype = np.dtype(dtype)
+        self._tmp_bin = self.prefix.with_name(self.prefix.name + ".bin.tmp")
+        self._bin = open(self._tmp_bin, "wb")
+        self.lengths: list[int] = []
+        self.n_tokens = 0
+        self.max_id = -1
+
+    def add(self, tokens) -> None:
+        arr = np.asarray(tokens, dtype=self.dtype)
+        self._bin.write(arr.tobytes(order="C"))
+        self.lengths.append(len(arr))
+        self.n_tokens += len(arr)
+        if len(arr):
+            self.max_id = max(self.max_id, int(arr.max()))
+
+    def finish(self) -> Path:
+        self._bin.close()
+        tmp_idx = self.prefix.with_name(self.prefix.name + ".idx.tmp")
+        write_index(tmp_idx, self.dtype, np.asarray(self.lengths, dtype=np.int32))
+        os.replace(self._tmp_bin, bin_path(self.prefix))
+        os.replace(tmp_idx, idx_path(self.prefix))
+        return self.prefix
+
+    def abort(self) -> None:
+        self._bin.close()
+        for p in (self._tmp_bin, self.prefix.with_name(self.prefix.name + ".idx.tmp")):
+            p.unlink(missing_ok=True)
+
+
+class IndexedDataset:
+    """Read-only view of one .idx/.bin pair; tokens stay memory-mapped, so RAM does not grow with the data."""
+
+    def __init__(self, prefix: str | Path):
+        self.prefix = Path(prefix)
+        ip, bp = idx_path(self.prefix), bin_path(self.prefix)
+        for p in (ip, bp):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: missing (a dataset is a .idx/.bin pair with a common prefix)")
+        with open(ip, "rb") as f:
+            header = f.read(_HEADER)
+        if len(header) < _HEADER or header[: len(MAGIC)] != MAGIC:
+            raise DatasetFormatError(f"{ip}: not an indexed dataset index (expected magic {MAGIC!r}, "
+                                     f"got {header[:len(MAGIC)]!r})")
+        pos = len(MAGIC)
+        (version,) = struct.unpack_from("<Q", header, pos)
+        if version != VERSION:
+            raise DatasetFormatError(f"{ip}: index version {version}, expected {VERSION}")
+        (code,) = struct.unpack_from("<B", header, pos + 8)
+        if code not in DTYPES:
+            raise DatasetFormatError(f"{ip}: unknown dtype code {code}, expected one of {sorted(DTYPES)}")
+        self.dtype = np.dtype(DTYPES[code])
+        n_seq, n_doc_idx = struct.unpack_from("<QQ", header, pos + 9)
+        expected = _HEADER + n_seq * (4 + 8) + n_doc_idx * 8
+        actual = ip.stat().st_size
+        if actual < expected:
+            raise DatasetFormatError(f"{ip}: truncated index: {actual} bytes, header promises at least {expected}")
+        idx = np.memmap(ip, mode="r", dtype=np.uint8)
+        self.lengths = np.frombuffer(idx, dtype=np.int32, count=n_seq, offset=_HEADER)
+        self.pointers = np.frombuffer(idx, dtype=np.int64, count=n_seq, offset=_HEADER + 4 * n_seq)
+        self.doc_indices = np.frombuffer(idx, dtype=np.int64, count=n_doc_idx, offset=_HEADER + 12 * n_seq)
+        n_tokens = int(self.lengths.sum(dtype=np.int64))
+        bin_size = bp.stat().st_size
+        if bin_size != n_tokens * self.dtype.itemsize:
+            raise DatasetFormatError(f"{bp}: {bin_size} bytes, but {ip} describes {n_tokens} tokens of "
+                                     f"{self.dtype} ({n_tokens * self.dtype.itemsize} bytes)")
+        self.tokens = np.memmap(bp, mode="r", dtype=self.dtype) if n_tokens else np.zeros(0, self.dtype)
+        self.n_tokens = n_tokens
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def document_lengths(self) -> np.ndarray:
+        """Tokens per document (a document may span several sequences in Megatron data)."""
+        seq_cum = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
+        return np.diff(seq_cum[self.doc_indices])
+
+    def document_offsets(self) -> np.ndarray:
+        """Token offset of each document's first token in .bin."""
+        return self.pointers[self.doc_indices[:-1]] // self.dtype.itemsize if len(self.lengths) else np.zeros(0, np.int64)
+
+    def get(self, seq: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        start = int(self.pointers[seq]) // self.dtype.itemsize + offset
+        end = start + (int(self.lengths[seq]) - offset if length is None else length)
+        return self.tokens[start:end]

@@ -1,0 +1,297 @@
+"""mtp-preprocess: raw text, JSONL or Parquet in; pretokenized shards in Megatron's indexed format out.
+
+    mtp-preprocess data/raw/ --output data/code --train-tokenizer --vocab-size 32000 --include "*.jsonl.gz"
+    mtp-preprocess corpus.parquet --output data/web --tokenizer tok.model --text-key content --workers 16
+    mtp-preprocess books/ --output data/bytes --tokenizer bytes        # byte-level (vocab 256)
+
+Output folder: shard_00000.{idx,bin,json}, ..., tokenizer.model (when trained here) and dataset.json,
+which is written last. Inputs are read in order by this process (so a bad record is reported with its file
+and line), tokenized by a pool of workers, and written to shards that close at input boundaries once they
+hold --max-shard-tokens. A shard becomes visible only when complete; re-running the same command skips
+inputs already in complete shards and finishes the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from mtplm.model.config import ConfigError
+from mtplm.pretrain.config import config_error_exit, from_dict, merge, parse_overrides, read_config_file
+
+from .indexed_dataset import IndexedDatasetWriter, token_dtype
+from .manifest import DATASET_MANIFEST, TOOL_VERSION, read_manifest, shard_manifest_path, write_json_atomic
+from .readers import BadRecord, discover, input_format, read_documents
+from .tokenizer import BYTE_TOKENIZER, load_tokenizer, train_sentencepiece
+
+
+@dataclass
+class PreprocessConfig:
+    inputs: list[str] = field(default_factory=list)  # files, folders, globs
+    output: str = ""
+    include: list[str] = field(default_factory=list)  # fnmatch patterns a file must match (path or name)
+    exclude: list[str] = field(default_factory=list)
+    format: str = "auto"  # auto (by extension), text, jsonl, parquet
+    text_key: str = "text"
+    tokenizer: str | None = None  # a SentencePiece .model, or "bytes"
+    train_tokenizer: bool = False
+    vocab_size: int = 32000
+    tokenizer_type: str = "bpe"  # bpe or unigram
+    tokenizer_sample_mb: int = 200  # text read to train the tokenizer
+    append_eod: bool = True
+    max_shard_tokens: int = 500_000_000
+    workers: int = 0  # 0: all cores
+    on_error: str = "skip"  # skip (report and count) or fail
+    batch_docs: int = 256  # documents per tokenization task
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("inputs: give at least one input file, folder or glob")
+        if not self.output:
+            raise ConfigError("output: give the output folder (--output DIR)")
+        if self.format not in ("auto", "text", "jsonl", "parquet"):
+            raise ConfigError(f"format: expected auto, text, jsonl or parquet, got {self.format!r}")
+        if self.on_error not in ("skip", "fail"):
+            raise ConfigError(f"on_error: expected skip or fail, got {self.on_error!r}")
+        if self.train_tokenizer == (self.tokenizer is not None):
+            raise ConfigError("tokenizer: give exactly one of --tokenizer PATH|bytes and --train-tokenizer")
+        if self.tokenizer_type not in ("bpe", "unigram"):
+            raise ConfigError(f"tokenizer_type: expected bpe or unigram, got {self.tokenizer_type!r}")
+        for key in ("vocab_size", "max_shard_tokens", "batch_docs", "tokenizer_sample_mb"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.workers < 0:
+            raise ConfigError(f"workers: must be >= 0, got {self.workers}")
+
+
+class PreprocessError(RuntimeError):
+    pass
+
+
+# -- tokenization workers -------------------------------------------------------------------------------
+_TOKENIZER = None
+
+
+def _init_worker(spec: str) -> None:
+    global _TOKENIZER
+    _TOKENIZER = load_tokenizer(spec)
+
+
+def _tokenize(texts: list[str], eod: int | None, dtype) -> list[np.ndarray]:
+    out = []
+    for text in texts:
+        ids = _TOKENIZER.encode(text)
+        if eod is not None:
+            ids.append(eod)
+        out.append(np.asarray(ids, dtype=dtype))
+    return out
+
+
+# -- the run --------------------------------------------------------------------------------------------
+class ShardSet:
+    """Shards in the output folder: which inputs are done, and the next shard to write."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        for stale in list(out.glob("*.tmp")) + list(out.glob(".*.tmp-*")):
+            stale.unlink()  # leftovers of an interrupted run; their inputs are redone
+        self.done_inputs: set[str] = set()
+        self.shards: list[str] = []
+        for m in sorted(out.glob("shard_*.json")):
+            prefix = out / m.stem
+            if Path(f"{prefix}.idx").is_file() and Path(f"{prefix}.bin").is_file():
+                self.shards.append(m.stem)
+                self.done_inputs.update(read_manifest(m)["inputs"])
+
+    def next_prefix(self) -> Path:
+        return self.out / f"shard_{len(self.shards):05d}"
+
+
+def _tokenizer_for(cfg: PreprocessConfig, files: list[Path], out: Path, log):
+    if cfg.tokenizer is not None:
+        tok = load_tokenizer(cfg.tokenizer)
+        return tok, (BYTE_TOKENIZER if cfg.tokenizer == BYTE_TOKENIZER else str(Path(cfg.tokenizer).resolve()))
+    model = out / "tokenizer.model"
+    if not model.is_file():  # a re-run must reuse the tokenizer its shards were made with
+        budget = cfg.tokenizer_sample_mb * 2**20
+
+        def sample():
+            seen = 0
+            # Spread the sample over all inputs rather than the first few.
+            step = max(1, len(files) // max(1, min(len(files), 64)))
+            for path in files[::step] + [f for i, f in enumerate(files) if i % step]:
+                for doc in read_documents(path, input_format(path, cfg.format), cfg.text_key):
+                    if isinstance(doc, BadRecord) or not doc.text.strip():
+                        continue
+                    yield doc.text
+                    seen += len(doc.text)
+                    if seen >= budget:
+                        return
+
+        t0 = time.time()
+        train_sentencepiece(sample(), out / "tokenizer", cfg.vocab_size, cfg.tokenizer_type)
+        log(f"trained a {cfg.vocab_size}-piece SentencePiece {cfg.tokenizer_type} tokenizer in {time.time() - t0:.1f}s")
+    return load_tokenizer(model), str(model)
+
+
+def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
+    """Tokenize cfg.inputs into shards under cfg.output; returns the summary (also in dataset.json)."""
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    files = discover(cfg.inputs, cfg.include, cfg.exclude)
+    if not files:
+        raise PreprocessError(f"no input files found in {cfg.inputs} (include={cfg.include}, exclude={cfg.exclude})")
+    tok, tok_spec = _tokenizer_for(cfg, files, out, log)
+    dtype = token_dtype(tok.vocab_size)
+    eod = tok.eod_id if cfg.append_eod else None
+    shards = ShardSet(out)
+    todo = [f for f in files if str(f) not in shards.done_inputs]
+    if len(todo) < len(files):
+        log(f"resuming: {len(files) - len(todo)} of {len(files)} inputs are already in complete shards")
+
+    stats = dict(documents=0, tokens=0, bytes=0, empty=0, errors=0)
+    workers = cfg.workers or os.cpu_count() or 1
+    pool = get_context("spawn").Pool(workers, _init_worker, (tok_spec,)) if workers > 1 else None
+    if pool is None:
+        _init_worker(tok_spec)
+    bar = tqdm(total=sum(f.stat().st_size for f in todo), unit="B", unit_scale=True, desc="preprocess",
+               disable=None, file=sys.stderr)
+    t0 = time.time()
+    writer, shard_inputs, max_id = None, [], -1
+    pending: deque = deque()
+
+    def write(arrays):
+        nonlocal writer
+        if writer is None:
+            writer = IndexedDatasetWriter(shards.next_prefix(), dtype)
+        for a in arrays:
+            writer.add(a)
+            stats["documents"] += 1
+            stats["tokens"] += len(a)
+
+    def drain(limit):
+        while len(pending) > limit:
+            write(pending.popleft().get() if pool else pending.popleft())
+
+    def close_shard():
+        nonlocal writer, shard_inputs, max_id
+        drain(0)
+        if writer is None:
+            return
+        prefix = writer.finish()
+        max_id = max(max_id, writer.max_id)
+        # The shard manifest is what marks its inputs done, so it is written after the pair is in place.
+        write_json_atomic(shard_manifest_path(prefix), {
+            "inputs": shard_inputs, "documents": len(writer.lengths), "tokens": writer.n_tokens,
+            "max_token_id": writer.max_id, "dtype": str(dtype), "tokenizer_sha256": tok.sha256,
+            "vocab_size": tok.vocab_size, "eod_id": eod, "tool_version": TOOL_VERSION})
+        shards.shards.append(prefix.name)
+        writer, shard_inputs = None, []
+
+    try:
+        for path in todo:
+            batch: list[str] = []
+            for doc in read_documents(path, input_format(path, cfg.format), cfg.text_key):
+                if isinstance(doc, BadRecord):
+                    stats["errors"] += 1
+                    if cfg.on_error == "fail":
+                        raise PreprocessError(f"{doc} (use --on-error skip to skip and count such records)")
+                    tqdm.write(f"skipped {doc}", file=sys.stderr)
+                    continue
+                if not doc.text.strip():
+                    stats["empty"] += 1
+                    continue
+                stats["bytes"] += len(doc.text.encode("utf-8", errors="ignore"))
+                batch.append(doc.text)
+                if len(batch) >= cfg.batch_docs:
+                    pending.append(pool.apply_async(_tokenize, (batch, eod, dtype)) if pool else _tokenize(batch, eod, dtype))
+                    batch = []
+                    drain(2 * workers)  # bounded work in flight: memory stays flat on huge inputs
+            if batch:
+                pending.append(pool.apply_async(_tokenize, (batch, eod, dtype)) if pool else _tokenize(batch, eod, dtype))
+            drain(2 * workers)
+            shard_inputs.append(str(path))
+            bar.update(path.stat().st_size)
+            elapsed = max(time.time() - t0, 1e-9)
+            bar.set_postfix_str(f"{stats['documents'] / elapsed:.0f} docs/s {stats['tokens'] / elapsed:.0f} tok/s")
+            # Shards close only between inputs, so a complete shard never holds part of an input.
+            if writer is not None and writer.n_tokens >= cfg.max_shard_tokens:
+                close_shard()
+        close_shard()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+
+    elapsed = max(time.time() - t0, 1e-9)
+    totals = {"documents": 0, "tokens": 0, "max_token_id": -1}
+    for name in shards.shards:
+        m = read_manifest(out / f"{name}.json")
+        totals["documents"] += m["documents"]
+        totals["tokens"] += m["tokens"]
+        totals["max_token_id"] = max(totals["max_token_id"], m["max_token_id"])
+    summary = {
+        "shards": shards.shards, "tokenizer": tok_spec, "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size, "eod_id": eod, "dtype": str(dtype), **totals,
+        "sources": [str(f) for f in files], "tool_version": TOOL_VERSION,
+    }
+    write_json_atomic(out / DATASET_MANIFEST, summary)
+    run = {**stats, "seconds": elapsed, "tokens_per_s": stats["tokens"] / elapsed,
+           "mb_per_s": stats["bytes"] / 2**20 / elapsed, "workers": workers}
+    log(f"preprocessed {stats['documents']} documents, {stats['tokens']} tokens, {stats['bytes'] / 2**20:.1f} MB "
+        f"in {elapsed:.1f}s ({run['tokens_per_s']:.0f} tokens/s, {run['mb_per_s']:.2f} MB/s, {workers} workers); "
+        f"skipped {stats['empty']} empty documents and {stats['errors']} bad records; dataset {out} now has "
+        f"{len(shards.shards)} shards, {totals['tokens']} tokens")
+    return {**summary, "run": run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mtp-preprocess", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Options: --output DIR, --tokenizer PATH|bytes or --train-tokenizer "
+                                            "--vocab-size N [--tokenizer-type bpe|unigram], --text-key KEY, "
+                                            "--format auto|text|jsonl|parquet, --include PAT, --exclude PAT, "
+                                            "--max-shard-tokens N, --workers N, --on-error skip|fail, "
+                                            "--no-eod, --config FILE (YAML/JSON of these keys)")
+    parser.add_argument("inputs", nargs="*")
+    parser.add_argument("--config")
+    parser.add_argument("--include", action="append", default=None)
+    parser.add_argument("--exclude", action="append", default=None)
+    parser.add_argument("--no-eod", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        data = read_config_file(args.config) if args.config else {}
+        data = merge(data, parse_overrides(rest))
+        if args.inputs:
+            data["inputs"] = args.inputs
+        for key in ("include", "exclude"):
+            if getattr(args, key):
+                data[key] = getattr(args, key)
+        if args.no_eod:
+            data["append_eod"] = False
+        cfg = from_dict(PreprocessConfig, data)
+    except ConfigError as e:
+        config_error_exit(e, "mtp-preprocess")
+    try:
+        run_preprocess(cfg)
+    except (PreprocessError, FileNotFoundError, ValueError) as e:
+        print(f"mtp-preprocess: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

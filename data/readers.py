@@ -1,0 +1,136 @@
+"""Documents from raw inputs: plain text (one document per file), JSONL (optionally .gz) and Parquet.
+
+Readers yield Document or BadRecord items, never raise on bad data: the caller decides to skip or stop,
+and a BadRecord always names the file and the line (or Parquet row) and says what was expected.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".py", ".rst"}
+
+
+@dataclass
+class Document:
+    text: str
+    source: str
+    line: int  # 1-based line (JSONL), row (Parquet) or 1 (a text file)
+
+
+@dataclass
+class BadRecord:
+    source: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.reason}"
+
+
+def input_format(path: Path, forced: str = "auto") -> str:
+    if forced != "auto":
+        return forced
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+def discover(inputs: list[str], include: list[str], exclude: list[str]) -> list[Path]:
+    """Files named directly, found under directories, or matched by globs; sorted, de-duplicated."""
+    found: list[Path] = []
+    for spec in inputs:
+        p = Path(spec)
+        if p.is_file():
+            candidates = [p]
+        elif p.is_dir():
+            candidates = [f for f in p.rglob("*") if f.is_file()]
+        else:
+            candidates = [Path(m) for m in glob.glob(spec, recursive=True) if Path(m).is_file()]
+            if not candidates:
+                raise FileNotFoundError(f"input {spec!r}: no such file or directory, and no file matches it as a glob")
+        for f in candidates:
+            s = str(f)
+            if include and not any(fnmatch.fnmatch(s, pat) or fnmatch.fnmatch(f.name, pat) for pat in include):
+                continue
+            if any(fnmatch.fnmatch(s, pat) for pat in exclude):
+                continue
+            found.append(f)
+    return sorted(set(found))
+
+
+def _read_text(path: Path) -> Iterator[Document | BadRecord]:
+    data = path.read_bytes()
+    try:
+        yield Document(data.decode("utf-8"), str(path), 1)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        yield BadRecord(str(path), line, f"not valid UTF-8 (byte {e.start})")
+
+
+def _read_jsonl(path: Path, key: str) -> Iterator[Document | BadRecord]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield BadRecord(str(path), n, f"not valid UTF-8 (byte {e.start} of the line)")
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield BadRecord(str(path), n, f"not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(record, dict) or key not in record:
+                yield BadRecord(str(path), n, f"no {key!r} field (expected a JSON object with a string {key!r}; "
+                                              f"choose the field with --text-key)")
+                continue
+            text = record[key]
+            if not isinstance(text, str):
+                yield BadRecord(str(path), n, f"field {key!r} is {type(text).__name__}, expected a string")
+                continue
+            yield Document(text, str(path), n)
+
+
+def _read_parquet(path: Path, key: str, batch_rows: int = 1024) -> Iterator[Document | BadRecord]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        yield BadRecord(str(path), 0, f"not a readable Parquet file ({e})")
+        return
+    if key not in pf.schema_arrow.names:
+        yield BadRecord(str(path), 0, f"no column {key!r}; columns are {pf.schema_arrow.names} (choose with --text-key)")
+        return
+    row = 0
+    # Record batches keep memory bounded by batch_rows, whatever the file's size.
+    for batch in pf.iter_batches(columns=[key], batch_size=batch_rows):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is None:
+                yield BadRecord(str(path), row, f"column {key!r} is null")
+            elif not isinstance(text, str):
+                yield BadRecord(str(path), row, f"column {key!r} is {type(text).__name__}, expected a string")
+            else:
+                yield Document(text, str(path), row)
+
+
+def read_documents(path: Path, fmt: str, key: str) -> Iterator[Document | BadRecord]:
+    if fmt == "jsonl":
+        return _read_jsonl(path, key)
+    if fmt == "parquet":
+        return _read_parquet(path, key)
+    return _read_text(path)
