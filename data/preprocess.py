@@ -168,6 +168,7 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
     t0 = time.time()
     writer, shard_inputs, max_id = None, [], -1
     pending: deque = deque()
+    in_flight = 2 * workers if pool else 0  # bounded work in flight: memory stays flat on huge inputs
 
     def write(arrays):
         nonlocal writer
@@ -179,14 +180,23 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
             stats["tokens"] += len(a)
 
     def drain(limit):
+        # Results are written in input order; an input's end marker closes the shard once it is full, so
+        # shards end only between inputs while tokenization of later inputs continues in the pool.
         while len(pending) > limit:
-            write(pending.popleft().get() if pool else pending.popleft())
+            kind, item = pending.popleft()
+            if kind == "batch":
+                write(item.get() if pool else item)
+                continue
+            path, size = item
+            shard_inputs.append(str(path))
+            bar.update(size)
+            elapsed = max(time.time() - t0, 1e-9)
+            bar.set_postfix_str(f"{stats['documents'] / elapsed:.0f} docs/s {stats['tokens'] / elapsed:.0f} tok/s")
+            if writer is not None and writer.n_tokens >= cfg.max_shard_tokens:
+                finish_shard()
 
-    def close_shard():
+    def finish_shard():
         nonlocal writer, shard_inputs, max_id
-        drain(0)
-        if writer is None:
-            return
         prefix = writer.finish()
         max_id = max(max_id, writer.max_id)
         # The shard manifest is what marks its inputs done, so it is written after the pair is in place.
@@ -196,6 +206,10 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
             "vocab_size": tok.vocab_size, "eod_id": eod, "tool_version": TOOL_VERSION})
         shards.shards.append(prefix.name)
         writer, shard_inputs = None, []
+
+    def submit(batch):
+        pending.append(("batch", pool.apply_async(_tokenize, (batch, eod, dtype)) if pool else _tokenize(batch, eod, dtype)))
+        drain(in_flight)
 
     try:
         for path in todo:
@@ -213,20 +227,15 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
                 stats["bytes"] += len(doc.text.encode("utf-8", errors="ignore"))
                 batch.append(doc.text)
                 if len(batch) >= cfg.batch_docs:
-                    pending.append(pool.apply_async(_tokenize, (batch, eod, dtype)) if pool else _tokenize(batch, eod, dtype))
+                    submit(batch)
                     batch = []
-                    drain(2 * workers)  # bounded work in flight: memory stays flat on huge inputs
             if batch:
-                pending.append(pool.apply_async(_tokenize, (batch, eod, dtype)) if pool else _tokenize(batch, eod, dtype))
-            drain(2 * workers)
-            shard_inputs.append(str(path))
-            bar.update(path.stat().st_size)
-            elapsed = max(time.time() - t0, 1e-9)
-            bar.set_postfix_str(f"{stats['documents'] / elapsed:.0f} docs/s {stats['tokens'] / elapsed:.0f} tok/s")
-            # Shards close only between inputs, so a complete shard never holds part of an input.
-            if writer is not None and writer.n_tokens >= cfg.max_shard_tokens:
-                close_shard()
-        close_shard()
+                submit(batch)
+            pending.append(("end", (path, path.stat().st_size)))
+            drain(in_flight)
+        drain(0)
+        if writer is not None:
+            finish_shard()
     except BaseException:
         if writer is not None:
             writer.abort()
