@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ from mtplm.data.indexed_dataset import write_index
 
 def write_synthetic(prefix: Path, n_tokens: int, n_docs: int, vocab: int) -> None:
     rng = np.random.default_rng(0)
-    cuts = np.sort(rng.choice(np.arange(1, n_tokens), n_docs - 1, replace=False))
+    cuts = np.unique(rng.integers(1, n_tokens, n_docs - 1))
     lengths = np.diff(np.concatenate([[0], cuts, [n_tokens]])).astype(np.int32)
     with open(f"{prefix}.bin", "wb") as f:
         chunk = 1 << 26
@@ -39,13 +41,22 @@ def main() -> None:
     p.add_argument("--n-future", type=int, default=4)
     p.add_argument("--reads", type=int, default=20000)
     p.add_argument("--dir", help="where to write the data (default: a temporary folder, removed after)")
+    p.add_argument("--_measure", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     n_tokens, n_docs = int(args.tokens), int(args.docs)
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="mtp-bench-"))
-    try:
-        t0 = time.perf_counter()
-        write_synthetic(tmp / "synth", n_tokens, n_docs, 32000)
-        print(f"wrote {n_tokens:,} tokens in {n_docs:,} documents in {time.perf_counter() - t0:.1f}s")
+    if not args._measure:
+        try:
+            t0 = time.perf_counter()
+            write_synthetic(tmp / "synth", n_tokens, n_docs, 32000)
+            print(f"wrote {n_tokens:,} tokens in {n_docs:,} documents in {time.perf_counter() - t0:.1f}s")
+            # Measured in a fresh process, so the peak RSS is the dataset's and not the writer's.
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--dir", str(tmp), "--_measure"], check=True)
+        finally:
+            if not args.dir:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if True:
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
         def open_dataset():
@@ -74,9 +85,6 @@ def main() -> None:
         print(f"random sample reads: {args.reads / read_s:,.0f} samples/s ({args.reads / read_s * args.seq_len:,.0f} tokens/s)")
         print(f"peak RSS: {peak / 2**10:.0f} MiB (before opening: {rss0 / 2**10:.0f} MiB); data on disk: "
               f"{n_tokens * 2 / 2**30:.2f} GiB")
-    finally:
-        if not args.dir:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

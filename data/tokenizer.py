@@ -77,7 +77,8 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_si
     """Train a SentencePiece model with byte fallback on a bounded sample of `texts`; returns the .model path.
 
     The model file is written under a temporary prefix and renamed, so a crash never leaves one that looks done.
-    Whitespace is kept as is (no normalisation, no collapsing of spaces) because code depends on it.
+    Whitespace is kept as is (no normalisation, no collapsing of spaces, no dummy prefix) because code
+    depends on it.
     """
     import sentencepiece as spm
 
@@ -117,6 +118,9 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_si
         character_coverage=0.9999,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
+        # No invented leading space: code starts where it starts, and Hugging Face's converted Llama
+        # tokenizer then encodes exactly as SentencePiece does.
+        add_dummy_prefix=False,
         split_digits=True,
         allow_whitespace_only_pieces=True,
         user_defined_symbols=["\n", "\t"],

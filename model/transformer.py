@@ -151,6 +151,9 @@ class MTPTransformer(nn.Module):
         self.extra_heads = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_future_tokens - 1))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = linear(cfg.dim, vocab, cfg.init_std)
+        with torch.no_grad():  # padded vocabulary rows are never used; zeros make exports round-trip exactly
+            self.tok_embeddings.weight[cfg.vocab_size:].zero_()
+            self.output.weight[cfg.vocab_size:].zero_()
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
