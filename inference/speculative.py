@@ -1,0 +1,184 @@
+"""Self-speculative decoding with the MTP heads (Gloeckle et al. 2024, Sec. 3.2; Stern et al. 2018).
+
+One forward of the trunk and heads 1..k+1 over [pending token, k drafts] does two jobs: head 1 verifies the
+drafts (its prediction at each position is what plain decoding would have produced there), and heads 2..k+1
+at the last accepted position propose the next k drafts. Each sequence accepts its own longest agreeing
+prefix, plus head 1's own next token, and its caches are rolled back past the rejected drafts, so a batch
+advances raggedly. With k = 0 this is plain decoding with head 1, on the same cache machinery.
+
+Greedy decoding is lossless: the output equals plain greedy decoding token for token. Sampling is lossless
+in distribution: a draft x proposed by head j with distribution q is accepted with probability
+min(1, p(x)/q(x)) against head 1's distribution p, and on rejection the token is drawn from
+normalize(max(0, p - q)) (Leviathan et al. 2023; Chen et al. 2023), temperature and top-p applied to both.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .kv_cache import ModelKVCache
+
+
+@dataclass
+class GenerationStats:
+    forwards: int = 0  # model forwards (prefill included)
+    sequence_steps: int = 0  # sum over sequences of decoding forwards while the sequence was active
+    tokens: int = 0  # tokens generated, over all sequences
+    proposed: list[int] = field(default_factory=list)  # drafts proposed at draft position j
+    accepted: list[int] = field(default_factory=list)  # ... and accepted
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """The paper's "average accepted": tokens a sequence gains per decoding forward."""
+        return self.tokens / max(self.sequence_steps, 1)
+
+    @property
+    def acceptance(self) -> list[float]:
+        return [a / p if p else float("nan") for a, p in zip(self.accepted, self.proposed)]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set whose mass reaches top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+class MTPGenerator:
+    def __init__(self, model):
+        self.model = model.eval()
+        self.n_heads = model.cfg.n_future_tokens
+
+    def _forward(self, cache: ModelKVCache, tokens: torch.Tensor, n_heads: int):
+        """Trunk + heads 1..n_heads on tokens (B, T); returns head 1's logits (B, T, V) and every head's
+        hidden states (B, T, d) (unembedded later, only where a draft is needed)."""
+        m = self.model
+        positions, mask = cache.prepare(tokens.shape[1])
+        rope = m.rope(positions)
+        h = m.trunk(tokens, rope, cache.trunk(), mask)
+        hidden = [m.head_forward(j, h, rope, cache.head(j), mask) for j in range(n_heads)]
+        return m.unembed(hidden[0]), hidden
+
+    def _choose(self, logits, sample: bool, temperature: float, top_p: float, gen):
+        if not sample:
+            return logits.argmax(-1), None
+        probs = filtered_probs(logits, temperature, top_p)
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=gen).view(probs.shape[:-1]), probs
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, draft_heads: int | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, stop_tokens=(), seed: int | None = None):
+        """Returns (generated token lists without the prompts or stop tokens, GenerationStats)."""
+        k = self.n_heads - 1 if draft_heads is None else draft_heads
+        if not 0 <= k <= self.n_heads - 1:
+            raise ValueError(f"draft_heads must be between 0 and {self.n_heads - 1} (the model's extra heads), got {k}")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        sample = temperature > 0
+        device = next(self.model.parameters()).device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(0 if seed is None else seed)
+        B = len(prompts)
+        lens = torch.tensor([len(p) for p in prompts], device=device)
+        P = int(lens.max())
+        # A sequence may accept k drafts past its limit in its last step, and finished sequences are still
+        # fed (k + 1 positions past where they stopped) until the whole batch is done.
+        cache = ModelKVCache(self.model, B, P + max_new_tokens + 2 * (k + 1))
+        stats = GenerationStats(proposed=[0] * k, accepted=[0] * k)
+        t0 = time.perf_counter()
+
+        tokens = torch.zeros(B, P, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):  # right padding: pads sit after each prompt and are overwritten later
+            tokens[b, : len(p)] = torch.tensor(p, device=device)
+        logits, hidden = self._forward(cache, tokens, k + 1)
+        stats.forwards += 1
+        stats.sequence_steps += B  # the prefill yields each sequence's first token
+        cache.lengths = lens.clone()
+        rows = torch.arange(B, device=device)
+        last = lens - 1
+        pending, _ = self._choose(logits[rows, last], sample, temperature, top_p, gen)
+        drafts, q = self._draft(hidden, rows, last, k, sample, temperature, top_p, gen)
+
+        out = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stop = set(int(s) for s in stop_tokens)
+
+        def emit(b: int, tok: int) -> None:
+            if done[b]:
+                return
+            if tok in stop:
+                done[b] = True
+                return
+            out[b].append(tok)
+            stats.tokens += 1
+            if len(out[b]) >= max_new_tokens:
+                done[b] = True
+
+        for b in range(B):
+            emit(b, int(pending[b]))
+        while not bool(done.all()):
+            active = ~done
+            step_in = torch.cat([pending.unsqueeze(1), drafts], dim=1)  # (B, k + 1)
+            logits, hidden = self._forward(cache, step_in, k + 1)
+            stats.forwards += 1
+            stats.sequence_steps += int(active.sum())
+            if sample:
+                p = filtered_probs(logits, temperature, top_p)  # (B, k + 1, V)
+                accept = torch.ones(B, 0, dtype=torch.bool, device=device)
+                if k:
+                    idx = drafts.unsqueeze(-1)
+                    ratio = (p[:, :k].gather(-1, idx) / q.gather(-1, idx).clamp_min(1e-20)).squeeze(-1)
+                    u = torch.rand(B, k, generator=gen, device=device)
+                    accept = u < ratio.clamp(max=1.0)
+            else:
+                greedy = logits.argmax(-1)  # (B, k + 1)
+                accept = drafts == greedy[:, :k]
+            n_acc = accept.long().cumprod(dim=1).sum(dim=1) if k else torch.zeros(B, dtype=torch.long, device=device)
+            if sample:
+                final_p = p[rows, n_acc]  # head 1 at the position after the last accepted token
+                if k:
+                    rejected = n_acc < k
+                    q_rej = q[rows, n_acc.clamp(max=k - 1)]
+                    residual = (final_p - q_rej).clamp_min(0)
+                    residual = residual / residual.sum(-1, keepdim=True).clamp_min(1e-20)
+                    final_p = torch.where(rejected.unsqueeze(-1), residual, final_p)
+                new_pending = torch.multinomial(final_p, 1, generator=gen).squeeze(1)
+            else:
+                new_pending = greedy[rows, n_acc]
+            for b in range(B):
+                if done[b]:
+                    continue
+                a = int(n_acc[b])
+                for j in range(k):  # draft j was judged only if drafts before it were accepted
+                    stats.proposed[j] += int(j <= a)
+                    stats.accepted[j] += int(j < a)
+                for j in range(a):
+                    emit(b, int(drafts[b, j]))
+                emit(b, int(new_pending[b]))
+            # Positions L .. L+a now hold the pending token and the accepted drafts; the rest is rolled back.
+            cache.lengths = cache.lengths + (n_acc + 1) * active  # finished sequences stay put
+            pending = new_pending
+            drafts, q = self._draft(hidden, rows, n_acc, k, sample, temperature, top_p, gen)
+        stats.seconds = time.perf_counter() - t0
+        return out, stats
+
+    def _draft(self, hidden, rows, at, k, sample, temperature, top_p, gen):
+        """Heads 2..k+1 at position `at` of each sequence propose the tokens after the pending one."""
+        if k == 0:
+            return torch.zeros(len(rows), 0, dtype=torch.long, device=rows.device), None
+        h = torch.stack([hidden[j][rows, at] for j in range(1, k + 1)], dim=1)  # (B, k, d)
+        logits = self.model.unembed(h)
+        return self._choose(logits, sample, temperature, top_p, gen)
