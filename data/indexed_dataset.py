@@ -17,6 +17,7 @@ We write one sequence per document. Both files are written under temporary names
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -135,6 +136,10 @@ class IndexedDataset:
             raise DatasetFormatError(f"{bp}: {bin_size} bytes, but {ip} describes {n_tokens} tokens of "
                                      f"{self.dtype} ({n_tokens * self.dtype.itemsize} bytes)")
         self.tokens = np.memmap(bp, mode="r", dtype=self.dtype) if n_tokens else np.zeros(0, self.dtype)
+        mm = getattr(self.tokens, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_RANDOM"):
+            # Samples are read at random offsets: kernel read-ahead would only fill memory with unused pages.
+            mm.madvise(mmap.MADV_RANDOM)
         self.n_tokens = n_tokens
 
     def __len__(self) -> int:
