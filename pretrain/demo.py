@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from mtplm.pretrain.config import ConfigError, TrainConfig, config_error_exit, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -36,20 +34,6 @@ def build_corpus(out_dir: Path, vocab_size: int) -> Path:
             exclude=[f"*/{d}/*" for d in SKIP_DIRS] + ["*/test_*.py"], train_tokenizer=True,
             vocab_size=vocab_size, tokenizer_sample_mb=20, workers=0), log=lambda m: print(f"[demo] {m}"))
     return data_dir
-
-
-def generate_greedy(model, tok, prompt: str, max_new_tokens: int) -> str:
-    """Plain greedy decoding with head 1 (no cache; the demo model is tiny)."""
-    ids = tok.encode(prompt)
-    model.eval()
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            x = torch.tensor([ids[-model.cfg.max_seq_len:]])
-            nxt = int(model(x).logits[0, -1].argmax())
-            if nxt == tok.eod_id:
-                break
-            ids.append(nxt)
-    return tok.decode(ids)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,13 +70,22 @@ def main(argv: list[str] | None = None) -> int:
     from mtplm.data.tokenizer import load_tokenizer
     from mtplm.model.weights import load_model
 
+    from mtplm.inference.speculative import MTPGenerator
+
     model = load_model(out_dir / "final")
     tok = load_tokenizer(out_dir / "final" / "tokenizer.model")
-    log(f"model and tokenizer written to {out_dir / 'final'}; a sample of generated code (greedy, head 1):")
-    for prompt in ("import os\n\n\ndef ", "class Config:\n    def __init__(self"):
+    log(f"model and tokenizer written to {out_dir / 'final'}; generated code (greedy, self-speculative with "
+        f"{model.cfg.n_future_tokens - 1} draft heads, identical to plain greedy decoding):")
+    prompts = ["import os\n\n\ndef ", "class Config:\n    def __init__(self", "    for i in range("]
+    outs, stats = MTPGenerator(model).generate([tok.encode(p) for p in prompts], 60, stop_tokens=[tok.eod_id])
+    for prompt, out in zip(prompts, outs):
         print("-" * 60)
-        print(generate_greedy(model, tok, prompt, max_new_tokens=60))
+        print(prompt + tok.decode(out))
     print("-" * 60)
+    log(f"{stats.tokens_per_forward:.2f} tokens per forward; draft acceptance by position: "
+        + " ".join(f"{a:.2f}" for a in stats.acceptance))
+    log(f"next: mtp-generate {out_dir / 'final'} --prompt 'def main(' ; mtp-export-hf {out_dir / 'checkpoints'} "
+        f"{out_dir / 'hf'}")
     return 0
 
 
