@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,24 +43,31 @@ def state_dict_for_save(model: MTPTransformer) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_model(model: MTPTransformer, out_dir: str | Path, extra_files: dict[str, str | Path] | None = None) -> Path:
-    """Write params.json + model.safetensors (+ copies of extra_files, e.g. the tokenizer) atomically:
-    into a temporary folder beside out_dir, renamed over it once complete."""
+@contextmanager
+def atomic_folder(out_dir: str | Path):
+    """Yield a temporary folder beside out_dir; on success it replaces out_dir, on error it is removed,
+    so a folder at out_dir is always complete."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        (tmp / PARAMS_FILE).write_text(json.dumps(model_config_to_json(model.cfg), indent=2) + "\n")
-        save_file(state_dict_for_save(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, tmp / name)
+        yield tmp
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+
+def save_model(model: MTPTransformer, out_dir: str | Path, extra_files: dict[str, str | Path] | None = None) -> Path:
+    """Write params.json + model.safetensors (+ copies of extra_files, e.g. the tokenizer) atomically."""
+    with atomic_folder(out_dir) as tmp:
+        (tmp / PARAMS_FILE).write_text(json.dumps(model_config_to_json(model.cfg), indent=2) + "\n")
+        save_file(state_dict_for_save(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+    return Path(out_dir)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

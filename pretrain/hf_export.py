@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from mtplm.model.weights import atomic_folder
 
 from .consolidate import consolidated_state_dict
 from .hf_layout import main_stack_layers, to_hf
@@ -57,10 +57,7 @@ def export_hf(src: str | Path, out_dir: str | Path, tokenizer: str | Path | None
     torch_dtype = DTYPES[dtype]
     hf_sd, heads = to_hf(sd, cfg)
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         config = llama_config(cfg, torch_dtype, eod, bos)
         with torch.device("meta"):
             model = LlamaForCausalLM(config)
@@ -86,13 +83,7 @@ def export_hf(src: str | Path, out_dir: str | Path, tokenizer: str | Path | None
                 "bos_token": None if bos is None else tok.sp.id_to_piece(bos),
                 "eos_token": tok.sp.id_to_piece(eod), "unk_token": tok.sp.id_to_piece(tok.sp.unk_id()),
             }, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

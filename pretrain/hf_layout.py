@@ -35,28 +35,22 @@ def from_hf_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def block_to_hf(sd: dict, src_prefix: str, dst_prefix: str, cfg: ModelConfig) -> dict:
+def _convert_block(sd: dict, src_prefix: str, dst_prefix: str, names: dict, rotary: dict, rotate) -> dict:
     out = {}
-    for ours, theirs in _BLOCK.items():
-        w = sd[src_prefix + ours]
-        if ours == "attention.wq.weight":
-            w = to_hf_rotary(w, cfg.n_heads)
-        elif ours == "attention.wk.weight":
-            w = to_hf_rotary(w, cfg.kv_heads)
-        out[dst_prefix + theirs] = w
+    for src, dst in names.items():
+        w = sd[src_prefix + src]
+        out[dst_prefix + dst] = rotate(w, rotary[src]) if src in rotary else w
     return out
+
+
+def block_to_hf(sd: dict, src_prefix: str, dst_prefix: str, cfg: ModelConfig) -> dict:
+    rotary = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.kv_heads}
+    return _convert_block(sd, src_prefix, dst_prefix, _BLOCK, rotary, to_hf_rotary)
 
 
 def block_from_hf(sd: dict, src_prefix: str, dst_prefix: str, cfg: ModelConfig) -> dict:
-    out = {}
-    for theirs, ours in _BLOCK_BACK.items():
-        w = sd[src_prefix + theirs]
-        if ours == "attention.wq.weight":
-            w = from_hf_rotary(w, cfg.n_heads)
-        elif ours == "attention.wk.weight":
-            w = from_hf_rotary(w, cfg.kv_heads)
-        out[dst_prefix + ours] = w
-    return out
+    rotary = {"self_attn.q_proj.weight": cfg.n_heads, "self_attn.k_proj.weight": cfg.kv_heads}
+    return _convert_block(sd, src_prefix, dst_prefix, _BLOCK_BACK, rotary, from_hf_rotary)
 
 
 def main_stack_layers(cfg: ModelConfig) -> int:
