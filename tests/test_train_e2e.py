@@ -9,10 +9,14 @@ from dist_launch import REPO
 
 def test_every_head_learns(tmp_path):
     out = tmp_path / "run"
+    # DeepSpeed's monitor (here its CSV writer; TensorBoard is configured the same way) gets every metric.
+    ds = json.loads((REPO / "ds_configs" / "zero1.json").read_text())
+    ds["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "monitor"), "job_name": "e2e"}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
     proc = subprocess.run(
         [sys.executable, "tests/workers/train_synthetic.py", "--config", "configs/tiny.yaml",
          "--model.vocab_size", "200", "--data.seq_len", "32", "--train.steps", "40", "--train.eval_interval", "20",
-         "--train.eval_iters", "2", "--train.out_dir", str(out), "--deepspeed_config", "ds_configs/zero1.json"],
+         "--train.eval_iters", "2", "--train.out_dir", str(out), "--deepspeed_config", str(tmp_path / "ds.json")],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = json.loads((out / "train_log.json").read_text())
@@ -26,3 +30,5 @@ def test_every_head_learns(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in records} == {"train", "valid"}
     assert (out / "final" / "params.json").is_file() and (out / "checkpoints" / "latest").is_file()
+    monitor_files = {p.name for p in (tmp_path / "monitor").rglob("*.csv")}
+    assert {"train_loss.csv", "train_head4_loss.csv", "valid_loss.csv"} <= monitor_files, monitor_files
