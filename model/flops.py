@@ -26,10 +26,6 @@ class ParamCounts:
     shared_head: int  # final norm + unembedding (zero extra if tied to the embedding)
     total: int
 
-    @property
-    def non_embedding(self) -> int:
-        return self.trunk_blocks + self.heads + self.shared_head - (0 if self.shared_head == 0 else 0)
-
 
 def count_params(cfg: ModelConfig) -> ParamCounts:
     vocab = cfg.padded_vocab_size

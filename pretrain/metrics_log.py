@@ -66,17 +66,15 @@ class MetricsLogger:
                 self.bar.n = step
                 self.bar.set_postfix_str(f"loss {metrics['loss']:.3f} heads "
                                          + " ".join(f"{x:.2f}" for x in metrics["head_losses"]))
-                if echo:
-                    self.bar.write(format_metrics(step, self.total_steps, metrics))
-            elif echo:
-                self.log.info(format_metrics(step, self.total_steps, metrics))
+            if echo:
+                self.info(format_metrics(step, self.total_steps, metrics))
         else:
             heads = " ".join(f"{x:.3f}" for x in metrics["head_losses"])
-            line = f"{kind} step {step} | loss {metrics['loss']:.4f} | heads [{heads}]"
-            self.bar.write(line) if self.bar is not None else self.log.info(line)
+            self.info(f"{kind} step {step} | loss {metrics['loss']:.4f} | heads [{heads}]")
 
     def info(self, msg: str) -> None:
-        if self.bar is not None and self.rank == 0:
+        """To the log file, and to the terminal above the progress bar (or through the logger without one)."""
+        if self.bar is not None:
             self.bar.write(msg)
             for h in self.log.handlers:
                 if isinstance(h, logging.FileHandler):
