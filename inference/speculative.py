@@ -113,7 +113,9 @@ class MTPGenerator:
         drafts, q = self._draft(hidden, rows, last, k, sample, temperature, top_p, gen)
 
         out = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
+        # Bookkeeping is in Python lists, moved from the device once per step: per-element reads of device
+        # tensors would each synchronise with a GPU.
+        done = [False] * B
         stop = set(int(s) for s in stop_tokens)
 
         def emit(b: int, tok: int) -> None:
@@ -127,14 +129,14 @@ class MTPGenerator:
             if len(out[b]) >= max_new_tokens:
                 done[b] = True
 
-        for b in range(B):
-            emit(b, int(pending[b]))
-        while not bool(done.all()):
-            active = ~done
+        for b, tok in enumerate(pending.tolist()):
+            emit(b, tok)
+        while not all(done):
+            active = torch.tensor([not d for d in done], device=device)
             step_in = torch.cat([pending.unsqueeze(1), drafts], dim=1)  # (B, k + 1)
             logits, hidden = self._forward(cache, step_in, k + 1)
             stats.forwards += 1
-            stats.sequence_steps += int(active.sum())
+            stats.sequence_steps += B - sum(done)
             if sample:
                 p = filtered_probs(logits, temperature, top_p)  # (B, k + 1, V)
                 accept = torch.ones(B, 0, dtype=torch.bool, device=device)
@@ -158,16 +160,15 @@ class MTPGenerator:
                 new_pending = torch.multinomial(final_p, 1, generator=gen).squeeze(1)
             else:
                 new_pending = greedy[rows, n_acc]
-            for b in range(B):
+            for b, (a, drafted, tok) in enumerate(zip(n_acc.tolist(), drafts.tolist(), new_pending.tolist())):
                 if done[b]:
                     continue
-                a = int(n_acc[b])
                 for j in range(k):  # draft j was judged only if drafts before it were accepted
                     stats.proposed[j] += int(j <= a)
                     stats.accepted[j] += int(j < a)
                 for j in range(a):
-                    emit(b, int(drafts[b, j]))
-                emit(b, int(new_pending[b]))
+                    emit(b, drafted[j])
+                emit(b, tok)
             # Positions L .. L+a now hold the pending token and the accepted drafts; the rest is rolled back.
             cache.lengths = cache.lengths + (n_acc + 1) * active  # finished sequences stay put
             pending = new_pending

@@ -96,6 +96,20 @@ class _SequentialHeads(torch.autograd.Function):
         return grad_h, None, None, None, None, None
 
 
+def mtp_loss(heads, h, rope, labels, loss_impl: str = "sequential", grad_scale: float = 1.0):
+    """(weighted total, per-head mean losses) of every head on the trunk output h (B, T, dim).
+
+    heads: the model, or anything with its head interface (cfg, head_forward, norm, output, loss_fn,
+    ce_chunk_tokens, grad_ready_hook), such as the last stage of a pipeline."""
+    cfg = heads.cfg
+    targets = head_targets(labels, h.shape[1], cfg.n_future_tokens, cfg.ignore_index)
+    if loss_impl == "sequential":
+        return sequential_mtp_loss(heads, h, rope, targets, grad_scale)
+    padded_logits = torch.stack([heads.output(heads.norm(heads.head_forward(k, h, rope)))
+                                 for k in range(cfg.n_future_tokens)])
+    return naive_mtp_loss(heads, padded_logits, targets)
+
+
 def sequential_mtp_loss(model, h, rope, targets, grad_scale: float = 1.0):
     """Loss of all heads, computed and back-propagated one head at a time. Returns (total, head_losses)."""
     return _SequentialHeads.apply(h, model, rope, targets, float(grad_scale), torch.is_grad_enabled())

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .mtp_loss import cross_entropy_sum, head_targets, naive_mtp_loss, sequential_mtp_loss
+from .mtp_loss import cross_entropy_sum, head_targets, mtp_loss, naive_mtp_loss
 
 
 class RMSNorm(nn.Module):
@@ -204,9 +204,8 @@ class MTPTransformer(nn.Module):
         out = MTPOutput()
         n_heads = self.n_future_tokens if (all_heads or labels is not None) else 1
 
-        if labels is not None and (self.loss_impl == "sequential" and not return_logits):
-            targets = head_targets(labels, T, self.n_future_tokens, self.cfg.ignore_index)
-            out.loss, out.head_losses = sequential_mtp_loss(self, h, rope, targets, grad_scale)
+        if labels is not None and not return_logits:
+            out.loss, out.head_losses = mtp_loss(self, h, rope, labels, self.loss_impl, grad_scale)
             return out
 
         padded_logits = torch.stack([self.output(self.norm(self.head_forward(k, h, rope))) for k in range(n_heads)])

@@ -35,10 +35,10 @@ def model_config_from_json(data: dict, source: str = PARAMS_FILE) -> ModelConfig
     return ModelConfig(**data)
 
 
-def state_dict_for_save(model: MTPTransformer) -> dict[str, torch.Tensor]:
+def state_dict_for_save(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # A tied unembedding is stored once, under tok_embeddings (as Hugging Face does).
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
+    sd = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    if cfg.tie_embeddings:
         sd.pop("output.weight", None)
     return sd
 
@@ -62,9 +62,15 @@ def atomic_folder(out_dir: str | Path):
 
 def save_model(model: MTPTransformer, out_dir: str | Path, extra_files: dict[str, str | Path] | None = None) -> Path:
     """Write params.json + model.safetensors (+ copies of extra_files, e.g. the tokenizer) atomically."""
+    return save_weights(model.cfg, model.state_dict(), out_dir, extra_files)
+
+
+def save_weights(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
+                 extra_files: dict[str, str | Path] | None = None) -> Path:
+    """save_model for a state dict assembled elsewhere (e.g. gathered from tensor-parallel shards)."""
     with atomic_folder(out_dir) as tmp:
-        (tmp / PARAMS_FILE).write_text(json.dumps(model_config_to_json(model.cfg), indent=2) + "\n")
-        save_file(state_dict_for_save(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / PARAMS_FILE).write_text(json.dumps(model_config_to_json(cfg), indent=2) + "\n")
+        save_file(state_dict_for_save(cfg, state_dict), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
     return Path(out_dir)

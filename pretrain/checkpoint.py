@@ -131,14 +131,15 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
 _MUST_MATCH = [("model", k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "n_future_tokens",
                                       "multiple_of", "ffn_dim_multiplier", "tie_embeddings", "vocab_pad_multiple")]
 _MUST_MATCH += [("data", "tokenizer"), ("data", "seq_len"), ("data", "datasets"), ("data", "seed"),
-                ("train", "micro_batch_size"), ("train", "grad_accum_steps")]
+                ("train", "micro_batch_size"), ("train", "grad_accum_steps"), ("parallel", "tensor")]
 
 
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
-    current = to_dict(cfg)
+    current, defaults = to_dict(cfg), to_dict(TrainConfig())
     diffs = []
     for section, key in _MUST_MATCH:
-        a, b = saved.get(section, {}).get(key), current[section][key]
+        # A key the checkpoint predates had its default value then.
+        a, b = saved.get(section, {}).get(key, defaults[section][key]), current[section][key]
         if a != b:
             diffs.append(f"{section}.{key}: checkpoint {a!r}, this run {b!r}")
     return diffs

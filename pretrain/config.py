@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -21,7 +22,7 @@ import yaml
 from mtplm.data.config import DataConfig
 from mtplm.model.config import ConfigError, ModelConfig
 
-__all__ = ["ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "TrainLoopConfig", "TrainConfig",
+__all__ = ["ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "TrainLoopConfig", "ParallelConfig", "TrainConfig",
            "load_config", "from_dict", "to_dict", "parse_overrides"]
 
 
@@ -85,17 +86,69 @@ class TrainLoopConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Model parallelism; data parallelism takes the remaining ranks (world / (tensor x pipeline))."""
+
+    tensor: int = 1  # Megatron-style tensor parallelism of every block, the embedding and the unembedding
+    pipeline: int = 1  # pipeline stages: embedding and trunk blocks spread over them, the heads on the last
+    # How stages are balanced: "blocks" (compute: the heads layer counts as n blocks plus the unembedding),
+    # "parameters" (memory) or "uniform" (layer count).
+    pipeline_partition: str = "blocks"
+
+    def validate(self) -> None:
+        for key in ("tensor", "pipeline"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"parallel.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.pipeline_partition not in ("blocks", "parameters", "uniform"):
+            raise ConfigError(f"parallel.pipeline_partition: expected 'blocks', 'parameters' or 'uniform', "
+                              f"got {self.pipeline_partition!r}")
+
+    __post_init__ = validate
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
+        self._validate_tensor_parallel()
+        self._validate_pipeline()
+
+    def _validate_pipeline(self) -> None:
+        m, pp = self.model, self.parallel.pipeline
+        if pp == 1:
+            return
+        layers = m.n_trunk_layers + 2  # embedding, trunk blocks, heads
+        if pp > layers:
+            raise ConfigError(f"parallel.pipeline: {pp} stages but the model has only {layers} pipeline layers "
+                              f"(embedding, {m.n_trunk_layers} trunk blocks, heads)")
+        if m.tie_embeddings:
+            raise ConfigError("parallel.pipeline: model.tie_embeddings puts one weight on the first stage "
+                              "(embedding) and the last (unembedding); the pipeline layout needs them untied")
+
+    def _validate_tensor_parallel(self) -> None:
+        m, tp = self.model, self.parallel.tensor
+        if tp == 1:
+            return
+        for what, key, value in (("attention heads", "model.n_heads", m.n_heads),
+                                 ("key/value heads", "model.n_kv_heads", m.kv_heads),
+                                 ("feed-forward width", "model.multiple_of / ffn_dim_multiplier", m.ffn_hidden_dim)):
+            if value % tp:
+                raise ConfigError(f"parallel.tensor: {tp} ranks cannot split {value} {what} ({key}); "
+                                  f"it must divide them")
+        if m.padded_vocab_size % tp:
+            multiple = math.lcm(m.vocab_pad_multiple, tp)
+            raise ConfigError(f"parallel.tensor: the padded vocabulary ({m.padded_vocab_size}) is not divisible by "
+                              f"{tp}; set model.vocab_pad_multiple to {multiple} (a multiple of {tp} and of "
+                              f"{m.vocab_pad_multiple})")
 
 
 # ---------------------------------------------------------------------------------------------------------

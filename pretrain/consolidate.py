@@ -2,13 +2,17 @@
 
 Accepted: a consolidated folder (params.json + model.safetensors), a checkpoints folder (its `latest`), or
 one step_* folder. ZeRO-1/2/3 shards are merged by DeepSpeed's own zero_to_fp32; ZeRO-0 checkpoints hold
-the whole module in mp_rank_00_model_states.pt. Pipeline and tensor-parallel shards are not produced by
-the trainer yet, so they are not read here either.
+the whole module in mp_rank_00_model_states.pt. With tensor parallelism each tensor rank's files (mp_rank_XX)
+are consolidated on their own and the shards then joined along the dimension each weight was split.
+Pipeline checkpoints keep each layer's module weights in layer_LL-model_TT-model_states.pt (zero_to_fp32 cannot
+read them); those are the fp32 weights in fp32 training and the bf16 working copy in bf16 training.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +21,11 @@ from mtplm.model.config import ModelConfig
 from mtplm.model.weights import PARAMS_FILE, WEIGHTS_FILE, load_model, model_config_from_json
 
 from .checkpoint import CONFIG_FILE, LATEST
+from .pipeline import meta_name
+from .tensor_parallel import merge_tensor_parallel_shards
+
+_MP_RANK = re.compile(r"mp_rank_(\d+)")
+_LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 
 
 def _strip(sd: dict) -> dict:
@@ -43,16 +52,47 @@ def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     tag_dir = resolve_checkpoint(path)
     train_cfg = json.loads((tag_dir / CONFIG_FILE).read_text())
     cfg = model_config_from_json(train_cfg["model"], str(tag_dir / CONFIG_FILE))
-    if list(tag_dir.glob("*optim_states.pt")) and list(tag_dir.glob("zero_pp_rank_*")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    layer_files = sorted(tag_dir.glob("layer_*-model_states.pt"))
+    if layer_files:
+        sd = _pipeline_state_dict(layer_files, cfg.n_trunk_layers)
     else:
-        states = tag_dir / "mp_rank_00_model_states.pt"
-        if not states.is_file():
-            raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt)")
-        sd = torch.load(states, map_location="cpu", weights_only=True)["module"]
+        mp_ranks = sorted({int(m.group(1)) for f in tag_dir.iterdir() if (m := _MP_RANK.search(f.name))})
+        if not mp_ranks:
+            raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
+        sd = merge_tensor_parallel_shards([_tensor_rank_state_dict(tag_dir, r) for r in mp_ranks])
     sd = _strip(sd)
     if cfg.tie_embeddings and "output.weight" not in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     return sd, cfg, train_cfg
+
+
+def _tensor_rank_state_dict(tag_dir: Path, mp_rank: int) -> dict[str, torch.Tensor]:
+    """One tensor-parallel rank's fp32 weights. zero_to_fp32 reads every rank's files of a folder as one model,
+    so this rank's files are presented to it, under rank 0's names, in a folder of their own."""
+    mine = f"mp_rank_{mp_rank:02d}"
+    files = [f for f in tag_dir.iterdir() if mine in f.name]
+    if any(f.name.startswith("zero_pp_rank_") and f.name.endswith("optim_states.pt") for f in files):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            view = Path(tmp) / tag_dir.name
+            view.mkdir()
+            for f in files:
+                (view / f.name.replace(mine, "mp_rank_00")).symlink_to(f.resolve())
+            return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag_dir.name)
+    states = tag_dir / f"{mine}_model_states.pt"
+    if not states.is_file():
+        raise FileNotFoundError(f"{tag_dir}: {states.name} is missing")
+    return torch.load(states, map_location="cpu", weights_only=True)["module"]
+
+
+def _pipeline_state_dict(layer_files: list[Path], n_trunk: int) -> dict[str, torch.Tensor]:
+    by_rank: dict[int, dict[str, torch.Tensor]] = {}
+    for f in layer_files:
+        m = _LAYER_FILE.match(f.name)
+        if m is None:
+            raise ValueError(f"{f}: unexpected pipeline layer file name (expected layer_LL-model_TT-model_states.pt)")
+        layer, tp_rank = int(m.group(1)), int(m.group(2))
+        states = torch.load(f, map_location="cpu", weights_only=True)
+        by_rank.setdefault(tp_rank, {}).update({meta_name(f"{layer}.{k}", n_trunk): v for k, v in states.items()})
+    return merge_tensor_parallel_shards([by_rank[r] for r in sorted(by_rank)])

@@ -65,6 +65,10 @@ def build_ds_config(cfg: TrainConfig, ds_path: str | Path | None, dp_world_size:
         if key in ds:
             raise ConfigError(f"{src}: has an '{key}' section; set optim.* in the training config instead "
                               f"(the trainer writes DeepSpeed's '{key}' from it, so there is one source of truth)")
+    if cfg.parallel.pipeline > 1 and zero_stage(ds) >= 2:
+        raise ConfigError(f"{src}: ZeRO-{zero_stage(ds)} cannot run with parallel.pipeline "
+                          f"{cfg.parallel.pipeline}: DeepSpeed's pipeline engine supports ZeRO-0 and ZeRO-1 only. "
+                          f"Use a zero1 config for the pipeline layout, or ZeRO-3 without pipeline stages")
     if precision(ds) == "fp16" and on_cpu:
         raise ConfigError(f"{src}: fp16 is not supported by DeepSpeed's CPU accelerator; use bf16 or fp32 on CPU")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from .distributed import DistInfo, init_distributed
 from .ds_config import build_ds_config, precision, zero_stage
 from .init_from import load_initial_weights
 from .metrics_log import MetricsLogger
+from .parallel_layout import build_layout, check_world_size
+from .pipeline import build_pipeline_module, gather_pipeline_state_dict
+from .tensor_parallel import apply_tensor_parallel, gather_full_state_dict
 
 # Dense bf16 peak of common accelerators, for MFU; override with train.peak_tflops.
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -74,9 +78,12 @@ def peak_flops(cfg: TrainConfig) -> float | None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, data_loaders=None, dist_info: DistInfo | None = None):
-        """data_loaders: for tests, a callable consumed_samples -> (train, valid); by default built from cfg.data."""
+        """data_loaders: for tests, a callable (consumed_samples, dp_rank, dp_world) -> (train, valid); by default
+        built from cfg.data."""
         self.cfg = cfg
+        check_world_size(cfg, dist_info.world_size if dist_info else None)  # before any process group exists
         self.dist = dist_info or init_distributed()
+        self.layout = build_layout(cfg, self.dist.rank, self.dist.world_size)
         import deepspeed
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -86,16 +93,22 @@ class Trainer:
         model = MTPTransformer(cfg.model, loss_impl=t.loss_impl, ce_chunk_tokens=t.ce_chunk_tokens or None)
         if t.init_from:
             load_initial_weights(model, t.init_from)
+        apply_tensor_parallel(model, self.layout.tensor)
         if t.activation_checkpointing:
             apply_activation_checkpointing(model)
-        self.dp_world = self.dist.world_size
+        self.dp_world = self.layout.dp_world
         ds_cfg = build_ds_config(cfg, t.deepspeed_config, self.dp_world, self.dist.on_cpu)
         self.zero_stage, self.precision = zero_stage(ds_cfg), precision(ds_cfg)
         if self.zero_stage > 0:
             model.grad_ready_hook = ds_grad_ready_hook
+        self.pipe_loss = None
+        if self.layout.pipeline:
+            # The pipeline module takes model's modules; the engine gets its grid from the module.
+            model, self.pipe_loss = build_pipeline_module(model, self.layout.grid.topology(),
+                                                          cfg.parallel.pipeline_partition, t.loss_impl)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg,
-            dist_init_required=False)
+            mpu=None if self.layout.pipeline else self.layout.grid, dist_init_required=False)
         self.model = model
         self.logger = MetricsLogger(self.out_dir, self.dist.rank, t.steps, 0, t.metrics_file,
                                     getattr(self.engine, "monitor", None))
@@ -108,18 +121,18 @@ class Trainer:
             self.logger.info(f"resumed from {resume_from} at step {self.step} "
                              f"({self.consumed_samples} samples consumed)")
         build = data_loaders or self._build_loaders
-        self.train_loader, self.valid_loader = build(self.consumed_samples)
+        self.train_loader, self.valid_loader = build(self.consumed_samples, self.layout.dp_rank, self.dp_world)
         self._describe()
 
-    def _build_loaders(self, consumed_samples: int):
+    def _build_loaders(self, consumed_samples: int, dp_rank: int, dp_world: int):
         from mtplm.data.loader import build_data_loaders
         from mtplm.data.tokenizer import load_tokenizer
 
         tok_sha = load_tokenizer(self.cfg.data.tokenizer).sha256 if self.cfg.data.tokenizer else None
         return build_data_loaders(
             self.cfg.data, n_future_tokens=self.cfg.model.n_future_tokens, vocab_size=self.cfg.model.vocab_size,
-            micro_batch_size=self.cfg.train.micro_batch_size, dp_rank=self.dist.rank,
-            dp_world_size=self.dp_world, consumed_train_samples=consumed_samples,
+            micro_batch_size=self.cfg.train.micro_batch_size, dp_rank=dp_rank,
+            dp_world_size=dp_world, consumed_train_samples=consumed_samples,
             pin_memory=not self.dist.on_cpu, tokenizer_sha256=tok_sha)
 
     def _describe(self) -> None:
@@ -133,21 +146,66 @@ class Trainer:
         self.logger.info(
             f"world {self.dist.world_size} on {'CPU' if self.dist.on_cpu else 'GPU'}, ZeRO-{self.zero_stage}, "
             f"{self.precision}, micro-batch {self.cfg.train.micro_batch_size} x accumulation "
-            f"{self.cfg.train.grad_accum_steps} x data-parallel {self.dp_world}, loss path {self.cfg.train.loss_impl}")
+            f"{self.cfg.train.grad_accum_steps} x data-parallel {self.dp_world}, tensor-parallel "
+            f"{self.layout.tensor.world}, pipeline {self.cfg.parallel.pipeline}, loss path {self.cfg.train.loss_impl}")
+        if self.layout.pipeline:
+            parts = self.engine.module.parts
+            self.logger.info("pipeline stages (layer 0 embedding, last the heads): " + ", ".join(
+                f"stage {s} layers {parts[s]}-{parts[s + 1] - 1}" for s in range(len(parts) - 1)))
 
     def _split(self, batch: torch.Tensor):
         batch = batch.to(self.engine.device, non_blocking=True)
         seq_len = self.cfg.data.seq_len
         return batch[:, :seq_len], batch[:, 1:]
 
+    def _grad_norm(self) -> float:
+        """Global L2 norm of the (averaged) gradients: tensor-parallel shards summed over their group,
+        replicated parameters counted once."""
+        tp = self.layout.tensor
+        total = torch.zeros((), dtype=torch.float64)
+        for p in {id(p): p for p in self.model.parameters()}.values():
+            if p.grad is not None and (tp.rank == 0 or getattr(p, "tensor_model_parallel", False)):
+                total += p.grad.detach().double().pow(2).sum().cpu()
+        if self.layout.model_parallel_group is not None:  # every stage and tensor shard of this replica
+            dist.all_reduce(total, group=self.layout.model_parallel_group)
+        return float(total.sqrt())
+
     def _reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().float().to(self.engine.device)
         if self.dp_world > 1:
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=self.layout.dp_group)
             t = t / self.dp_world
         return t
 
+    def _pipeline_head_losses(self) -> torch.Tensor:
+        """Collective: mean per-head losses of the last train/eval batch, from the last stage to every rank
+        of its pipeline, then averaged over data-parallel replicas."""
+        loss, grid = self.pipe_loss, self.layout.grid
+        heads = torch.zeros(self.cfg.model.n_future_tokens, dtype=torch.float32)
+        if grid.is_last_stage:
+            heads = loss.head_sum.cpu() / loss.count
+        heads = heads.to(self.engine.device)
+        dist.broadcast(heads, src=grid.stage_to_global(grid.pipe_parallel_size - 1), group=grid.get_pipe_parallel_group())
+        return self._reduce_mean(heads).cpu()
+
+    def _pipeline_micro_batches(self, batches):
+        for batch in batches:
+            yield self._split(batch)
+
+    def _pipeline_train_step(self, batches) -> dict:
+        self.pipe_loss.reset()
+        self.pipe_loss.grad_scale = loss_grad_scale(self.engine)
+        loss = float(self.engine.train_batch(self._pipeline_micro_batches(batches)))
+        head_losses = self._pipeline_head_losses()
+        grad_norm = self._grad_norm() if self.zero_stage == 0 and self.precision == "fp32" \
+            else self.engine.get_global_grad_norm()
+        return {"loss": loss, "head_losses": [float(x) for x in head_losses],
+                "lr": float(self.engine.get_lr()[0]),
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
     def train_step(self, batches) -> dict:
+        if self.layout.pipeline:
+            return self._pipeline_train_step(batches)
         head_sum = torch.zeros(self.cfg.model.n_future_tokens)
         loss_sum = 0.0
         gas = self.cfg.train.grad_accum_steps
@@ -158,8 +216,7 @@ class Trainer:
             self.engine.backward(out.loss)
             if micro == gas - 1 and self.zero_stage == 0 and self.precision == "fp32":
                 # DeepSpeed clips but does not keep the norm on this path; the gradients are already averaged.
-                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-                grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+                grad_norm = self._grad_norm()
             self.engine.step()
             head_sum += out.head_losses.detach().float().cpu()
             loss_sum += float(out.loss.detach())
@@ -175,6 +232,17 @@ class Trainer:
     def evaluate(self) -> dict | None:
         if self.valid_loader is None or self.cfg.train.eval_iters == 0:
             return None
+        if self.layout.pipeline:
+            self.pipe_loss.reset()
+            # The pipeline engine pulls a fixed number of micro-batches; the validation split may hold fewer.
+            batches = list(itertools.islice(iter(self.valid_loader), self.cfg.train.eval_iters))
+            if not batches:
+                return None
+            self.engine.eval_batch(self._pipeline_micro_batches(iter(batches)), num_micro_batches=len(batches))
+            head_losses = self._pipeline_head_losses()
+            self.engine.train()
+            weights = torch.tensor(self.cfg.model.loss_weights)
+            return {"loss": float((weights * head_losses).sum()), "head_losses": [float(x) for x in head_losses]}
         self.engine.eval()
         head_sum, count = torch.zeros(self.cfg.model.n_future_tokens), 0
         for i, batch in enumerate(self.valid_loader):
@@ -200,15 +268,23 @@ class Trainer:
         with the tokenizer beside it, for generation and export."""
         import deepspeed
 
-        from mtplm.model.weights import save_model
+        from mtplm.model.weights import save_weights
 
         extra = {}
         if self.cfg.data.tokenizer and Path(self.cfg.data.tokenizer).is_file():
             extra["tokenizer.model"] = self.cfg.data.tokenizer
         params = list(self.model.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=self.zero_stage == 3):
-            if self.dist.rank == 0:
-                save_model(self.model, folder, extra)
+            # One replica's tensor rank 0 per stage keeps its stage's weights.
+            keep = self.layout.tensor.rank == 0 and self.layout.dp_rank == 0
+            state = gather_full_state_dict(self.model, self.layout.tensor, keep=keep)
+        if self.layout.pipeline:
+            grid = self.layout.grid
+            if keep:
+                state = gather_pipeline_state_dict(state, self.cfg.model.n_trunk_layers, grid,
+                                                   keep=self.dist.rank == 0)
+        if self.dist.rank == 0:
+            save_weights(self.cfg.model, state, folder, extra)
         dist.barrier()
         return folder
 

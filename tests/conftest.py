@@ -23,3 +23,11 @@ def tiny_model_config(**overrides) -> ModelConfig:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The single-process naive run every multi-process training comparison is held against."""
+    from dist_training import reference_run
+
+    return reference_run(tmp_path_factory.mktemp("ref"))

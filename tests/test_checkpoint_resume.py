@@ -85,17 +85,17 @@ def test_sigterm_checkpoints_and_stops_then_resumes_exactly(tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_multiprocess_zero_resume_after_sigkill(tmp_path, stage):
+@pytest.mark.parametrize("stage, layout", [(1, []), (2, []), (3, []), (1, ["--parallel.tensor", "2"]),
+                                           (1, ["--parallel.pipeline", "2"])],
+                         ids=["zero1", "zero2", "zero3", "zero1-tp2", "zero1-pp2"])
+def test_multiprocess_zero_resume_after_sigkill(tmp_path, stage, layout):
     cfg = config(tmp_path)
-    ds = str(REPO / "ds_configs" / f"zero{stage}.json")
+    common = ["--config", cfg, "--deepspeed_config", str(REPO / "ds_configs" / f"zero{stage}.json"), *layout]
     full, broken = tmp_path / "full", tmp_path / "broken"
-    run_ranks(2, [WORKER, "--config", cfg, "--train.out_dir", str(full), "--deepspeed_config", ds])
+    run_ranks(2, [WORKER, *common, "--train.out_dir", str(full)])
     with pytest.raises(RuntimeError, match="exit -9"):
-        run_ranks(2, [WORKER, "--config", cfg, "--train.out_dir", str(broken), "--deepspeed_config", ds,
-                      "--kill_after_step", "3"])
-    run_ranks(2, [WORKER, "--config", cfg, "--train.out_dir", str(broken), "--deepspeed_config", ds,
-                  "--train.resume", "auto"])
+        run_ranks(2, [WORKER, *common, "--train.out_dir", str(broken), "--kill_after_step", "3"])
+    run_ranks(2, [WORKER, *common, "--train.out_dir", str(broken), "--train.resume", "auto"])
     a, b = metrics(full), metrics(broken)
     for step in range(1, 7):
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6, abs=1e-6), f"step {step}"

@@ -78,8 +78,8 @@ def main():
 
     info = init_distributed()
     # Resume support: the loader starts at the checkpoint's consumed samples.
-    loaders = lambda consumed: (SyntheticLoader(cfg, info.rank, info.world_size, extra, consumed),
-                                SyntheticLoader(cfg, 0, 1, extra, 10**6))
+    loaders = lambda consumed, dp_rank, dp_world: (SyntheticLoader(cfg, dp_rank, dp_world, extra, consumed),
+                                                   SyntheticLoader(cfg, 0, 1, extra, 10**6))
     trainer = FaultyTrainer(cfg, data_loaders=loaders, dist_info=info)
     result = trainer.train()
     if info.rank == 0:

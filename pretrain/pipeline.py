@@ -1,0 +1,159 @@
+"""The pipeline layout: the same model cut into DeepSpeed PipelineModule layers.
+
+    layer 0          embedding                                  (first stage)
+    layers 1 .. L    one trunk block each                       (spread over the stages)
+    layer L + 1      the n heads, shared norm and unembedding   (last stage)
+
+The layers hold the modules of an MTPTransformer built (and, with tensor parallelism, split) the usual way, so
+there is one model implementation and a pipeline run starts from the same weights as any other. The heads
+need the labels, so the last layer passes the trunk output through and the pipeline's loss function runs the
+MTP loss (sequential heads by default) on it: the heads' work stays one autograd node on the last stage, and
+the gradient of the trunk output flows back through the pipeline like any activation gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mtplm.model.mtp_loss import mtp_loss
+from mtplm.model.transformer import MTPTransformer, rotary_tables
+
+PARTITION_METHODS = ("blocks", "parameters", "uniform")
+
+
+def rope_for(h: torch.Tensor, cfg):
+    positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+    return rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+
+
+class EmbeddingStage(nn.Module):
+    def __init__(self, model: MTPTransformer):
+        super().__init__()
+        self.tok_embeddings = model.tok_embeddings
+
+    def forward(self, tokens):
+        return self.tok_embeddings(tokens)
+
+
+class TrunkBlockStage(nn.Module):
+    def __init__(self, model: MTPTransformer, index: int):
+        super().__init__()
+        self.cfg = model.cfg
+        self.block = model.layers[index]
+
+    def forward(self, h):
+        # Rotary tables are recomputed per block: (T, head_dim/2) numbers, cheaper than sending them along.
+        return self.block(h, rope_for(h, self.cfg))
+
+
+class HeadsStage(nn.Module):
+    """The heads, shared norm and unembedding, with the model's head interface (see model.mtp_loss.mtp_loss)."""
+
+    def __init__(self, model: MTPTransformer):
+        super().__init__()
+        self.cfg = model.cfg
+        self.head_blocks = nn.ModuleList([model.layers[-1], *model.extra_heads])
+        self.norm, self.output = model.norm, model.output
+        self.loss_fn, self.ce_chunk_tokens = model.loss_fn, model.ce_chunk_tokens
+        self.grad_ready_hook = model.grad_ready_hook
+
+    def head_forward(self, k, h, rope, cache=None, attn_mask=None):
+        return self.head_blocks[k](h, rope, cache, attn_mask)
+
+    def forward(self, h):
+        return h  # the heads run in PipelineLoss, which has the labels
+
+
+class PipelineLoss:
+    """The pipeline's loss_fn: the MTP loss of one micro-batch on the last stage. Per-head losses are summed
+    over the micro-batches of a train_batch/eval_batch for the trainer to report (see head_losses)."""
+
+    def __init__(self, heads: HeadsStage, loss_impl: str):
+        self.heads, self.loss_impl = heads, loss_impl
+        self.grad_scale = 1.0  # set by the trainer before each train_batch (see model.mtp_loss)
+        self.reset()
+
+    def reset(self) -> None:
+        self.head_sum, self.count = None, 0
+
+    def __call__(self, h, labels):
+        total, head_losses = mtp_loss(self.heads, h, rope_for(h, self.heads.cfg), labels, self.loss_impl,
+                                      self.grad_scale if torch.is_grad_enabled() else 1.0)
+        head_losses = head_losses.detach().float()
+        self.head_sum = head_losses if self.head_sum is None else self.head_sum + head_losses
+        self.count += 1
+        return total
+
+
+def pipeline_layers(model: MTPTransformer) -> list[nn.Module]:
+    trunk = [TrunkBlockStage(model, i) for i in range(len(model.layers) - 1)]
+    return [EmbeddingStage(model), *trunk, HeadsStage(model)]
+
+
+def layer_costs(layers: list[nn.Module], method: str) -> list[int]:
+    """Relative cost of each layer for balancing the stages. "blocks": compute, in units of one trunk block
+    (matmul FLOPs scale with parameters; the embedding is a lookup), so the heads layer weighs n blocks plus
+    the unembedding; "parameters": memory."""
+    sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    if method == "parameters":
+        return sizes
+    if method == "uniform":
+        return [1] * len(layers)
+    block = sizes[1] if len(layers) > 2 else sizes[-1]
+    return [0] + [round(1000 * s / block) for s in sizes[1:]]
+
+
+def build_pipeline_module(model: MTPTransformer, topology, partition_method: str, loss_impl: str):
+    """Collective: a PipelineModule over `model`'s modules, partitioned on `topology`; non-local layers are
+    dropped. Returns (module, loss)."""
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime import utils as ds_utils
+
+    layers = pipeline_layers(model)
+    costs = layer_costs(layers, partition_method)
+
+    class MTPPipelineModule(PipelineModule):
+        def _partition_layers(self, method="uniform"):
+            # DeepSpeed's "type:" counts every layer of a type as one; the heads layer is n blocks plus the
+            # unembedding, so stages are balanced on our own cost model instead.
+            self.parts = ds_utils.partition_balanced(weights=costs, num_parts=self.num_stages)
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    loss = PipelineLoss(layers[-1], loss_impl)
+    module = MTPPipelineModule(layers=layers, topology=topology, loss_fn=loss, partition_method=partition_method,
+                               activation_checkpoint_interval=0)
+    if not module._grid.is_last_stage:
+        loss.heads = None  # the heads live on the last stage only; let the other stages free them
+    return module, loss
+
+
+def meta_name(pipeline_name: str, n_trunk: int) -> str:
+    """'<layer>.<name inside the layer>' of the pipeline module -> the model's (Meta's) parameter name."""
+    index, _, rest = pipeline_name.partition(".")
+    index = int(index)
+    if index == 0:
+        return rest
+    if index <= n_trunk:
+        return f"layers.{index - 1}.{rest.removeprefix('block.')}"
+    if rest.startswith("head_blocks."):
+        k, _, inner = rest.removeprefix("head_blocks.").partition(".")
+        return f"layers.{n_trunk}.{inner}" if k == "0" else f"extra_heads.{int(k) - 1}.{inner}"
+    return rest
+
+
+def gather_pipeline_state_dict(stage_state: dict[str, torch.Tensor], n_trunk: int, grid, keep: bool):
+    """Collective over the pipe group: every stage's (already tensor-gathered) parameters, with Meta's names,
+    on the rank with keep=True (which must be a stage-0 rank of this group); {} elsewhere."""
+    local = {meta_name(k, n_trunk): v for k, v in stage_state.items()}
+    group_ranks = grid.pp_group
+    parts = [None] * len(group_ranks) if keep else None
+    dist.gather_object(local, parts, dst=group_ranks[0], group=grid.get_pipe_parallel_group())
+    if not keep:
+        return {}
+    merged = {}
+    for part in parts:
+        merged.update(part)
+    return merged

@@ -1,0 +1,197 @@
+"""Megatron-style tensor parallelism, applied to a built model from outside (model/ knows nothing of it).
+
+Every transformer block (trunk and heads) is split as in Megatron-LM: wq/wk/wv and w1/w3 by output rows
+(column-parallel: each rank owns whole attention heads and a slice of the feed-forward width), wo and w2 by
+input columns (row-parallel, their outputs summed across ranks). The embedding and the shared unembedding are
+split by vocabulary rows, and the cross-entropy is computed on the vocabulary shards, so no rank ever holds a
+full row of logits. Norm weights are replicated; their gradients come out identical on every rank because the
+gradient entering each column-parallel layer is all-reduced.
+
+The same layers serve the data-parallel layout and the pipeline layout: the process group comes from
+DeepSpeed's pipe/data/model topology (see parallel_layout.py). Full weights are built on every rank from the
+same seed and then cut, so a tensor-parallel run starts from exactly the single-process model.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# Which dimension of each weight is split: 0 = output rows (column-parallel), 1 = input columns (row-parallel).
+# Matched on the last two name components; anything absent (norms) is replicated.
+_PARTITION_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1, "tok_embeddings": 0, "output": 0}
+
+
+def partition_dim(name: str) -> int | None:
+    """The split dimension of a parameter by its state-dict name, or None if replicated."""
+    parts = name.split(".")
+    if parts[-1] != "weight" or len(parts) < 2:
+        return None
+    return _PARTITION_DIM.get(parts[-2])
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    group: object  # torch.distributed process group of the ranks sharing one model replica's tensors
+    rank: int
+    world: int
+
+
+class _CopyToTensorParallel(torch.autograd.Function):
+    """Identity forward; the backward sums the input gradient over the tensor-parallel ranks."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTensorParallel(torch.autograd.Function):
+    """Sum over the tensor-parallel ranks forward; identity backward (every rank computes the same loss
+    from the sum, so each receives the same gradient for its own part)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _shard(full: torch.Tensor, dim: int, tp: TensorParallel) -> nn.Parameter:
+    p = nn.Parameter(full.detach().chunk(tp.world, dim=dim)[tp.rank].clone())
+    # DeepSpeed counts a parameter marked this way on every rank when it computes the global gradient norm
+    # (replicated ones only on tensor-parallel rank 0); partition_dim is Megatron's name for the split.
+    p.tensor_model_parallel = True
+    p.partition_dim = dim
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """y[..., rank's rows] = x W_rank^T. Input replicated on every rank; output split along its last dim."""
+
+    def __init__(self, full: nn.Linear, tp: TensorParallel, weight: nn.Parameter | None = None):
+        super().__init__()
+        self.tp = tp
+        self.weight = weight if weight is not None else _shard(full.weight, 0, tp)
+
+    def forward(self, x):
+        return F.linear(_CopyToTensorParallel.apply(x, self.tp.group), self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x[..., rank's columns] W_rank^T. Input split; output replicated."""
+
+    def __init__(self, full: nn.Linear, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        self.weight = _shard(full.weight, 1, tp)
+
+    def forward(self, x):
+        return _ReduceFromTensorParallel.apply(F.linear(x, self.weight), self.tp.group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds a contiguous block of vocabulary rows; tokens outside it contribute zeros to the sum."""
+
+    def __init__(self, full: nn.Embedding, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        self.weight = _shard(full.weight, 0, tp)
+        self.vocab_start = tp.rank * self.weight.shape[0]
+
+    def forward(self, tokens):
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return _ReduceFromTensorParallel.apply(out, self.tp.group)
+
+
+def vocab_parallel_cross_entropy_sum(logits, targets, vocab_size, ignore_index, *, tp: TensorParallel):
+    """Summed cross-entropy of (N, padded_vocab / world) logit shards, in fp32: the softmax normaliser and the
+    target logit are assembled with two all-reduces of N numbers each instead of gathering N x vocab."""
+    shard = logits.shape[-1]
+    start = tp.rank * shard
+    logits = logits.float()
+    if start + shard > vocab_size:  # padded vocabulary rows never take part in the softmax
+        padded = torch.arange(start, start + shard, device=logits.device) >= vocab_size
+        logits = logits.masked_fill(padded, float("-inf"))
+    # The shift only keeps exp() finite; it cancels exactly, so it carries no gradient.
+    shift = logits.detach().max(dim=-1).values
+    dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=tp.group)
+    sum_exp = _ReduceFromTensorParallel.apply((logits - shift.unsqueeze(-1)).exp().sum(-1), tp.group)
+    local_t = targets - start
+    mine = (local_t >= 0) & (local_t < shard)
+    picked = logits.gather(-1, local_t.clamp(0, shard - 1).unsqueeze(-1)).squeeze(-1)
+    target_logit = _ReduceFromTensorParallel.apply(torch.where(mine, picked, 0.0), tp.group)
+    loss = sum_exp.log() + shift - target_logit
+    return torch.where(targets != ignore_index, loss, 0.0).sum()
+
+
+def parallelize_block(block, tp: TensorParallel) -> None:
+    """Split one TransformerBlock in place."""
+    attn, ffn = block.attention, block.feed_forward
+    for name in ("wq", "wk", "wv"):
+        setattr(attn, name, ColumnParallelLinear(getattr(attn, name), tp))
+    attn.wo = RowParallelLinear(attn.wo, tp)
+    attn.n_heads //= tp.world
+    attn.n_kv_heads //= tp.world
+    ffn.w1, ffn.w3 = ColumnParallelLinear(ffn.w1, tp), ColumnParallelLinear(ffn.w3, tp)
+    ffn.w2 = RowParallelLinear(ffn.w2, tp)
+
+
+def parallelize_unembedding(model, tp: TensorParallel, tied_weight: nn.Parameter | None = None) -> None:
+    """The shared unembedding as vocabulary shards, and the model's loss as the vocabulary-parallel one."""
+    model.output = ColumnParallelLinear(model.output, tp, weight=tied_weight)
+    model.loss_fn = functools.partial(vocab_parallel_cross_entropy_sum, tp=tp)
+
+
+def apply_tensor_parallel(model, tp: TensorParallel):
+    """Split an MTPTransformer in place across tp.world ranks; returns it. No-op for a world of one."""
+    if tp.world == 1:
+        return model
+    for block in [*model.layers, *model.extra_heads]:
+        parallelize_block(block, tp)
+    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, tp)
+    parallelize_unembedding(model, tp, model.tok_embeddings.weight if model.cfg.tie_embeddings else None)
+    return model
+
+
+def gather_full_state_dict(module: nn.Module, tp: TensorParallel, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Collective over the tensor-parallel group: the module's state dict with every shard re-assembled
+    (on CPU); ranks with keep=False only take part and return {}. Under ZeRO-3, call inside
+    deepspeed.zero.GatheredParameters."""
+    out = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        t = p.detach()
+        if tp.world > 1 and getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(t) for _ in range(tp.world)]
+            dist.all_gather(parts, t.contiguous(), group=tp.group)
+            t = torch.cat(parts, dim=p.partition_dim)
+        if keep:
+            out[name] = t.cpu().clone()
+    return out
+
+
+def merge_tensor_parallel_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Offline: state dicts of tensor-parallel ranks 0..world-1 -> one full state dict (split by name)."""
+    merged = {}
+    for name, first in shards[0].items():
+        dim = partition_dim(name) if len(shards) > 1 else None
+        merged[name] = first if dim is None else torch.cat([sd[name] for sd in shards], dim=dim)
+    return merged

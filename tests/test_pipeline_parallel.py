@@ -1,0 +1,95 @@
+"""The pipeline layout (DeepSpeed's pipeline engine over our model's blocks, heads on the last stage) against the
+single-process reference: several optimizer steps of the tiny n=4 model with the sequential heads must give
+the losses, per-head losses, gradient norm and final parameters of the naive single-process run of the same
+global batch (8 samples per step, 4 micro-batches in flight per pipeline when there is one replica)."""
+
+import pytest
+import torch
+
+from dist_training import TINY, assert_matches, ds_json, train
+from mtplm.pretrain.config import ConfigError, TrainConfig, from_dict
+from mtplm.pretrain.consolidate import consolidated_state_dict
+from mtplm.pretrain.ds_config import build_ds_config
+from mtplm.pretrain.pipeline import meta_name
+
+distributed = pytest.mark.distributed
+
+
+def pipeline_run(tmp_path, name, world, *layout):
+    return train(tmp_path, name, world, "--parallel.pipeline", "2", *layout,
+                 "--deepspeed_config", str(ds_json(tmp_path, "zero1.json")))
+
+
+@distributed
+def test_pp2_matches_single_process(tmp_path, reference):
+    assert_matches(reference, pipeline_run(tmp_path, "pp2", 2, "--train.grad_accum_steps", "4"))
+
+
+@distributed
+def test_pp2_dp2_matches_single_process(tmp_path, reference):
+    # with activation checkpointing of the trunk blocks inside the stages
+    assert_matches(reference, pipeline_run(tmp_path, "pp2dp2", 4, "--train.activation_checkpointing", "true"))
+
+
+@distributed
+def test_pp2_tp2_matches_single_process_and_consolidates(tmp_path, reference):
+    got = pipeline_run(tmp_path, "pp2tp2", 4, "--parallel.tensor", "2", "--train.grad_accum_steps", "4")
+    assert_matches(reference, got)
+    # The last checkpoint (per-layer files of each stage and tensor rank), consolidated offline, is the
+    # single-process model's state dict.
+    state, _, _ = consolidated_state_dict(tmp_path / "pp2tp2" / "checkpoints")
+    ref_weights = reference[1]
+    assert set(state) == set(ref_weights)
+    for k, v in ref_weights.items():
+        assert torch.allclose(state[k], v, rtol=1e-5, atol=1e-5), k
+
+
+def test_meta_names_of_pipeline_layers():
+    n_trunk = 2
+    assert meta_name("0.tok_embeddings.weight", n_trunk) == "tok_embeddings.weight"
+    assert meta_name("2.block.attention.wq.weight", n_trunk) == "layers.1.attention.wq.weight"
+    assert meta_name("3.head_blocks.0.ffn_norm.weight", n_trunk) == "layers.2.ffn_norm.weight"
+    assert meta_name("3.head_blocks.3.feed_forward.w2.weight", n_trunk) == "extra_heads.2.feed_forward.w2.weight"
+    assert meta_name("3.output.weight", n_trunk) == "output.weight"
+
+
+def test_pipeline_with_zero2_or_tied_embeddings_is_rejected(tmp_path):
+    cfg = from_dict(TrainConfig, {**TINY, "parallel": {"pipeline": 2}})
+    with pytest.raises(ConfigError, match="ZeRO-2 cannot run with parallel.pipeline 2"):
+        build_ds_config(cfg, ds_json(tmp_path, "zero2.json"), dp_world_size=1, on_cpu=True)
+    with pytest.raises(ConfigError, match="needs them untied"):
+        from_dict(TrainConfig, {**TINY, "model": {**TINY["model"], "tie_embeddings": True},
+                                "parallel": {"pipeline": 2}})
+    with pytest.raises(ConfigError, match="only 4 pipeline layers"):
+        from_dict(TrainConfig, {**TINY, "parallel": {"pipeline": 5}})
+
+
+@distributed
+def test_pp2_trains_from_a_token_dataset_with_validation(tmp_path):
+    """The launcher's path: pretrain/train.py as two ranks, micro-batches from a memory-mapped dataset (the
+    first stage reads the inputs, the last the labels), validation through the pipeline's eval schedule."""
+    import json
+
+    import numpy as np
+
+    from dist_launch import run_ranks
+    from mtplm.data.synthetic import write_token_dataset
+
+    rng = np.random.default_rng(0)
+    docs = [list((np.arange(rng.integers(20, 200)) * (1 + i % 5) + i) % 199 + 1) for i in range(300)]
+    data = write_token_dataset(tmp_path / "data", docs, vocab_size=200)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({**TINY, "data": {"datasets": [str(data)], "seq_len": 16, "split": [0.9, 0.1, 0.0],
+                                                "num_workers": 0},
+                               "train": {**TINY["train"], "steps": 12, "eval_interval": 6, "eval_iters": 4}}))
+    out = tmp_path / "run"
+    run_ranks(2, ["pretrain/train.py", "--config", str(cfg), "--parallel.pipeline", "2", "--train.out_dir", str(out),
+                  "--deepspeed_config", str(ds_json(tmp_path, "zero1.json"))], timeout=600)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    valid = [r for r in records if r["kind"] == "valid"]
+    assert [r["step"] for r in valid] == [6, 12]
+    assert len(train[-1]["head_losses"]) == 4
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    assert valid[-1]["loss"] < valid[0]["loss"]
+    assert (out / "final" / "model.safetensors").is_file() and (out / "logs" / "rank1.log").is_file()
