@@ -127,11 +127,13 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
     return path
 
 
-# Fields whose change makes a checkpoint a different model or different data; refused on resume.
+# Fields whose change makes a checkpoint a different model or different data, or changes the layout DeepSpeed's
+# files are cut for (its loader cannot re-shard tensor or pipeline parallelism); refused on resume.
 _MUST_MATCH = [("model", k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "n_future_tokens",
                                       "multiple_of", "ffn_dim_multiplier", "tie_embeddings", "vocab_pad_multiple")]
 _MUST_MATCH += [("data", "tokenizer"), ("data", "seq_len"), ("data", "datasets"), ("data", "seed"),
-                ("train", "micro_batch_size"), ("train", "grad_accum_steps"), ("parallel", "tensor")]
+                ("train", "micro_batch_size"), ("train", "grad_accum_steps"), ("parallel", "tensor"),
+                ("parallel", "pipeline")]
 
 
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:

@@ -82,15 +82,21 @@ def _shard(full: torch.Tensor, dim: int, tp: TensorParallel) -> nn.Parameter:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y[..., rank's rows] = x W_rank^T. Input replicated on every rank; output split along its last dim."""
+    """y[..., rank's rows] = x W_rank^T. Input replicated on every rank; output split along its last dim.
 
-    def __init__(self, full: nn.Linear, tp: TensorParallel, weight: nn.Parameter | None = None):
+    copy_input=False when the caller already routes the input through _CopyToTensorParallel once for several
+    layers (q/k/v, w1/w3): their input gradients then add up locally and cross ranks in one all-reduce."""
+
+    def __init__(self, full: nn.Linear, tp: TensorParallel, weight: nn.Parameter | None = None,
+                 copy_input: bool = True):
         super().__init__()
-        self.tp = tp
+        self.tp, self.copy_input = tp, copy_input
         self.weight = weight if weight is not None else _shard(full.weight, 0, tp)
 
     def forward(self, x):
-        return F.linear(_CopyToTensorParallel.apply(x, self.tp.group), self.weight)
+        if self.copy_input:
+            x = _CopyToTensorParallel.apply(x, self.tp.group)
+        return F.linear(x, self.weight)
 
 
 class RowParallelLinear(nn.Module):
@@ -147,12 +153,21 @@ def parallelize_block(block, tp: TensorParallel) -> None:
     """Split one TransformerBlock in place."""
     attn, ffn = block.attention, block.feed_forward
     for name in ("wq", "wk", "wv"):
-        setattr(attn, name, ColumnParallelLinear(getattr(attn, name), tp))
+        setattr(attn, name, ColumnParallelLinear(getattr(attn, name), tp, copy_input=False))
     attn.wo = RowParallelLinear(attn.wo, tp)
     attn.n_heads //= tp.world
     attn.n_kv_heads //= tp.world
-    ffn.w1, ffn.w3 = ColumnParallelLinear(ffn.w1, tp), ColumnParallelLinear(ffn.w3, tp)
+    ffn.w1 = ColumnParallelLinear(ffn.w1, tp, copy_input=False)
+    ffn.w3 = ColumnParallelLinear(ffn.w3, tp, copy_input=False)
     ffn.w2 = RowParallelLinear(ffn.w2, tp)
+
+    # One all-reduce of the input gradient per sub-layer, as Megatron's fused QKV and h-to-4h layers have;
+    # a forward pre-hook keeps the model's module tree (and so its parameter names) unchanged.
+    def copy_input(module, args):
+        return (_CopyToTensorParallel.apply(args[0], tp.group), *args[1:])
+
+    attn.register_forward_pre_hook(copy_input)
+    ffn.register_forward_pre_hook(copy_input)
 
 
 def parallelize_unembedding(model, tp: TensorParallel, tied_weight: nn.Parameter | None = None) -> None:
