@@ -57,6 +57,7 @@ class TrainLoopConfig:
     loss_impl: str = "sequential"  # "sequential" (memory-flat in n) or "naive" (reference)
     ce_chunk_tokens: int = 0  # tokens per cross-entropy chunk; 0 picks chunk logits ~ hidden-state size
     activation_checkpointing: bool = False  # recompute trunk blocks in backward
+    activation_checkpoint_interval: int = 1  # consecutive trunk blocks per recomputed unit
     seed: int = 1234
     log_interval: int = 10
     eval_interval: int = 200  # 0 disables validation
@@ -73,7 +74,7 @@ class TrainLoopConfig:
     peak_tflops: float = 0.0  # accelerator peak for MFU; 0 looks the GPU up in a table
 
     def validate(self) -> None:
-        for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval"):
+        for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval", "activation_checkpoint_interval"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("ce_chunk_tokens", "eval_interval", "eval_iters", "save_interval", "keep_last"):

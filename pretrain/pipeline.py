@@ -105,9 +105,12 @@ def layer_costs(layers: list[nn.Module], method: str) -> list[int]:
     return [0] + [round(1000 * s / block) for s in sizes[1:]]
 
 
-def build_pipeline_module(model: MTPTransformer, topology, partition_method: str, loss_impl: str):
+def build_pipeline_module(model: MTPTransformer, topology, partition_method: str, loss_impl: str,
+                          checkpoint_interval: int = 0):
     """Collective: a PipelineModule over `model`'s modules, partitioned on `topology`; non-local layers are
-    dropped. Returns (module, loss)."""
+    dropped. checkpoint_interval > 0 recomputes each stage's trunk blocks in units of that many consecutive
+    layers (DeepSpeed's interval; a unit that holds the embedding or the heads is not recomputed).
+    Returns (module, loss)."""
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime import utils as ds_utils
 
@@ -124,7 +127,8 @@ def build_pipeline_module(model: MTPTransformer, topology, partition_method: str
 
     loss = PipelineLoss(layers[-1], loss_impl)
     module = MTPPipelineModule(layers=layers, topology=topology, loss_fn=loss, partition_method=partition_method,
-                               activation_checkpoint_interval=0)
+                               activation_checkpoint_interval=checkpoint_interval,
+                               checkpointable_layers=[TrunkBlockStage.__name__])
     if not module._grid.is_last_stage:
         loss.heads = None  # the heads live on the last stage only; let the other stages free them
     return module, loss

@@ -94,8 +94,8 @@ class Trainer:
         if t.init_from:
             load_initial_weights(model, t.init_from)
         apply_tensor_parallel(model, self.layout.tensor)
-        if t.activation_checkpointing:
-            apply_activation_checkpointing(model)
+        if t.activation_checkpointing and not self.layout.pipeline:
+            apply_activation_checkpointing(model, t.activation_checkpoint_interval)
         self.dp_world = self.layout.dp_world
         ds_cfg = build_ds_config(cfg, t.deepspeed_config, self.dp_world, self.dist.on_cpu)
         self.zero_stage, self.precision = zero_stage(ds_cfg), precision(ds_cfg)
@@ -104,8 +104,9 @@ class Trainer:
         self.pipe_loss = None
         if self.layout.pipeline:
             # The pipeline module takes model's modules; the engine gets its grid from the module.
-            model, self.pipe_loss = build_pipeline_module(model, self.layout.grid.topology(),
-                                                          cfg.parallel.pipeline_partition, t.loss_impl)
+            model, self.pipe_loss = build_pipeline_module(
+                model, self.layout.grid.topology(), cfg.parallel.pipeline_partition, t.loss_impl,
+                checkpoint_interval=t.activation_checkpoint_interval if t.activation_checkpointing else 0)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg,
             mpu=None if self.layout.pipeline else self.layout.grid, dist_init_required=False)

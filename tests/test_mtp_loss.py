@@ -91,17 +91,24 @@ def test_tied_embeddings_and_zero_weight_head():
     assert_same_grads(ref, got)
 
 
-def test_with_activation_checkpointing_of_the_trunk():
+@pytest.mark.parametrize("interval, units", [(1, 3), (2, 2), (3, 1)])
+def test_with_activation_checkpointing_of_the_trunk(interval, units):
     cfg = tiny_model_config(n_layers=7)
     naive = MTPTransformer(cfg, loss_impl="naive")
     seq = copy.deepcopy(naive)
     seq.loss_impl = "sequential"
-    assert apply_activation_checkpointing(seq) == 3
+    assert apply_activation_checkpointing(seq, interval) == units
+    calls = {i: 0 for i in range(len(seq.layers))}
+    for i, block in enumerate(seq.layers):
+        # a pre-hook: the recompute stops early, once the last saved tensor is rebuilt, before forward hooks
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     x, labels = torch.randint(0, 200, (2, 9)), torch.randint(0, 200, (2, 12))
     _, ref = grads_after(naive, x, labels)
     _, got = grads_after(seq, x, labels)
     assert_same_grads(ref, got)
     assert set(dict(seq.named_parameters())) == set(dict(naive.named_parameters()))  # names unchanged
+    # every trunk block is recomputed in backward; head 1's block (the last of seq.layers) is not
+    assert calls == {0: 2, 1: 2, 2: 2, 3: 1}
 
 
 def test_bf16_close_to_naive_bf16():

@@ -27,8 +27,9 @@ def test_pp2_matches_single_process(tmp_path, reference):
 
 @distributed
 def test_pp2_dp2_matches_single_process(tmp_path, reference):
-    # with activation checkpointing of the trunk blocks inside the stages
-    assert_matches(reference, pipeline_run(tmp_path, "pp2dp2", 4, "--train.activation_checkpointing", "true"))
+    # with activation checkpointing of the trunk blocks inside the stages (DeepSpeed's interval)
+    assert_matches(reference, pipeline_run(tmp_path, "pp2dp2", 4, "--train.activation_checkpointing", "true",
+                                           "--train.activation_checkpoint_interval", "2"))
 
 
 @distributed
