@@ -81,7 +81,11 @@ class Trainer:
         """data_loaders: for tests, a callable (consumed_samples, dp_rank, dp_world) -> (train, valid); by default
         built from cfg.data."""
         self.cfg = cfg
-        check_world_size(cfg, dist_info.world_size if dist_info else None)  # before any process group exists
+        t = cfg.train
+        # Everything that can be refused is checked before any process group exists.
+        self.dp_world = check_world_size(cfg, dist_info.world_size if dist_info else None)
+        on_cpu = dist_info.on_cpu if dist_info else not torch.cuda.is_available()
+        ds_cfg = build_ds_config(cfg, t.deepspeed_config, self.dp_world, on_cpu)
         self.dist = dist_info or init_distributed()
         self.layout = build_layout(cfg, self.dist.rank, self.dist.world_size)
         import deepspeed
@@ -89,15 +93,12 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.out_dir = Path(cfg.train.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        t = cfg.train
         model = MTPTransformer(cfg.model, loss_impl=t.loss_impl, ce_chunk_tokens=t.ce_chunk_tokens or None)
         if t.init_from:
             load_initial_weights(model, t.init_from)
         apply_tensor_parallel(model, self.layout.tensor)
         if t.activation_checkpointing and not self.layout.pipeline:
             apply_activation_checkpointing(model, t.activation_checkpoint_interval)
-        self.dp_world = self.layout.dp_world
-        ds_cfg = build_ds_config(cfg, t.deepspeed_config, self.dp_world, self.dist.on_cpu)
         self.zero_stage, self.precision = zero_stage(ds_cfg), precision(ds_cfg)
         if self.zero_stage > 0:
             model.grad_ready_hook = ds_grad_ready_hook

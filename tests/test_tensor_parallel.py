@@ -24,7 +24,7 @@ def test_tp2_matches_single_process(tmp_path, reference):
 
 
 @distributed
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_tp2_dp2_matches_single_process(tmp_path, reference, stage):
     got = train(tmp_path, f"tp2dp2z{stage}", 4, "--parallel.tensor", "2",
                 "--deepspeed_config", str(ds_json(tmp_path, f"zero{stage}.json")))
@@ -67,16 +67,22 @@ def test_world_size_must_be_a_multiple_of_tensor_parallel():
         check_world_size(cfg, 3)
 
 
-def test_trainer_refuses_an_untileable_world_before_any_process_group(tmp_path):
+@pytest.mark.parametrize("world, args, message", [
+    ("3", ["--parallel.tensor", "2"], "3 processes cannot be split into groups of 2"),
+    ("2", ["--parallel.pipeline", "2", "--deepspeed_config", "ds_configs/zero3.json"],
+     "ZeRO-3 cannot run with parallel.pipeline 2"),
+])
+def test_trainer_refuses_impossible_layouts_before_any_process_group(tmp_path, world, args, message):
     import os
     import subprocess
     import sys
 
     from dist_launch import REPO
 
-    env = dict(os.environ, RANK="0", WORLD_SIZE="3", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-    proc = subprocess.run([sys.executable, "pretrain/train.py", "--config", "configs/tiny.yaml", "--parallel.tensor",
-                           "2", "--train.out_dir", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "3 processes cannot be split into groups of 2" in proc.stderr
+    # MASTER_PORT 1: any attempt to form a process group would fail instead of printing the reason.
+    env = dict(os.environ, RANK="0", WORLD_SIZE=world, LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    proc = subprocess.run([sys.executable, "pretrain/train.py", "--config", "configs/tiny.yaml", *args,
+                           "--train.out_dir", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
