@@ -112,6 +112,9 @@ class Trainer:
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg,
             mpu=None if self.layout.pipeline else self.layout.grid, dist_init_required=False)
         self.model = model
+        self._pipeline_grad_norm = None
+        if self.layout.pipeline and self.zero_stage == 0 and self.precision == "fp32":
+            self._record_pipeline_grad_norm()
         self.logger = MetricsLogger(self.out_dir, self.dist.rank, t.steps, 0, t.metrics_file,
                                     getattr(self.engine, "monitor", None))
 
@@ -194,12 +197,35 @@ class Trainer:
         for batch in batches:
             yield self._split(batch)
 
+    def _record_pipeline_grad_norm(self) -> None:
+        """ZeRO-0 in fp32 keeps no gradient norm, and the pipeline engine steps (and zeroes the gradients)
+        inside train_batch, so the norm is taken where DeepSpeed would clip (or, with clipping off, just before
+        the optimizer steps). The clipping is ours too: DeepSpeed 0.19.8's clip_grad_norm_ counts replicated
+        parameters only where the grid's model-parallel rank is 0, which in the pipeline layout is the first
+        stage only, so it would clip with a norm that leaves the other stages out (measured: PP=2 drifted
+        from the single-process run). Same formula as DeepSpeed's: scale by min(1, clip / (norm + 1e-6))."""
+        def record(*_):
+            self._pipeline_grad_norm = self._grad_norm()
+
+        def clip():
+            record()
+            coef = self.cfg.optim.grad_clip / (self._pipeline_grad_norm + 1e-6)
+            if coef < 1.0:
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+
+        if self.cfg.optim.grad_clip > 0:
+            self.engine.clip_fp32_gradients = clip
+        else:
+            self.engine.optimizer.register_step_pre_hook(record)
+
     def _pipeline_train_step(self, batches) -> dict:
         self.pipe_loss.reset()
         self.pipe_loss.grad_scale = loss_grad_scale(self.engine)
         loss = float(self.engine.train_batch(self._pipeline_micro_batches(batches)))
         head_losses = self._pipeline_head_losses()
-        grad_norm = self._grad_norm() if self.zero_stage == 0 and self.precision == "fp32" \
+        grad_norm = self._pipeline_grad_norm if self.zero_stage == 0 and self.precision == "fp32" \
             else self.engine.get_global_grad_norm()
         return {"loss": loss, "head_losses": [float(x) for x in head_losses],
                 "lr": float(self.engine.get_lr()[0]),

@@ -15,14 +15,15 @@ from mtplm.pretrain.pipeline import meta_name
 distributed = pytest.mark.distributed
 
 
-def pipeline_run(tmp_path, name, world, *layout):
+def pipeline_run(tmp_path, name, world, *layout, stage=1):
     return train(tmp_path, name, world, "--parallel.pipeline", "2", *layout,
-                 "--deepspeed_config", str(ds_json(tmp_path, "zero1.json")))
+                 "--deepspeed_config", str(ds_json(tmp_path, f"zero{stage}.json")))
 
 
 @distributed
-def test_pp2_matches_single_process(tmp_path, reference):
-    assert_matches(reference, pipeline_run(tmp_path, "pp2", 2, "--train.grad_accum_steps", "4"))
+@pytest.mark.parametrize("stage", [0, 1])
+def test_pp2_matches_single_process(tmp_path, reference, stage):
+    assert_matches(reference, pipeline_run(tmp_path, "pp2", 2, "--train.grad_accum_steps", "4", stage=stage))
 
 
 @distributed
