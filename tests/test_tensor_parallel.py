@@ -17,9 +17,10 @@ distributed = pytest.mark.distributed
 
 
 @distributed
-def test_tp2_matches_single_process(tmp_path, reference):
+@pytest.mark.parametrize("loss_impl", ["sequential", "naive"])
+def test_tp2_matches_single_process(tmp_path, reference, loss_impl):
     got = train(tmp_path, "tp2", 2, "--parallel.tensor", "2", "--train.grad_accum_steps", "4",
-                "--deepspeed_config", str(ds_json(tmp_path, "zero1.json")))
+                "--train.loss_impl", loss_impl, "--deepspeed_config", str(ds_json(tmp_path, "zero1.json")))
     assert_matches(reference, got)
 
 
