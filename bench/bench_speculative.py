@@ -70,20 +70,17 @@ def main() -> None:
             gen.generate(batches[0], 4, draft_heads=0)  # warm-up
             base_rate, base_out = None, None
             for k in range(n):
-                outs, tokens, seconds, steps, acc = [], 0, 0.0, 0, []
+                outs, total = [], None
                 for batch in batches:
                     o, s = gen.generate(batch, args.max_new_tokens, draft_heads=k)
                     outs += o
-                    tokens, seconds, steps = tokens + s.tokens, seconds + s.seconds, steps + s.sequence_steps
-                    acc.append(s)
-                rate, tpf = tokens / seconds, tokens / steps
+                    total = s if total is None else total + s
+                rate, tpf = total.tokens_per_second, total.tokens_per_forward
                 if k == 0:
                     base_rate, base_out = rate, outs
                 elif outs != base_out:
                     sys.exit(f"LOSSLESSNESS VIOLATED: {name} batch {bs} k={k} differs from plain greedy decoding")
-                proposed = [sum(s.proposed[j] for s in acc) for j in range(k)]
-                accepted = [sum(s.accepted[j] for s in acc) for j in range(k)]
-                acc_str = " ".join(f"{a / max(pr, 1):.2f}" for a, pr in zip(accepted, proposed)) or "-"
+                acc_str = " ".join(f"{a:.2f}" for a in total.acceptance) or "-"
                 speedup = rate / base_rate
                 bound = (trunk + 1) / (trunk + k + 1)
                 print(f"{name:>7} {bs:>5} {k:>2} {rate:>9.1f} {tpf:>8.2f} {speedup:>8.2f} {speedup / tpf:>11.2f} "

@@ -105,13 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         for p, o in zip(chunk, outs):
             print(f"=== {p!r}\n{p}{tok.decode(o)}\n")
-        if totals is None:
-            totals = stats
-        else:
-            for key in ("forwards", "sequence_steps", "tokens", "seconds"):
-                setattr(totals, key, getattr(totals, key) + getattr(stats, key))
-            totals.proposed = [a + b for a, b in zip(totals.proposed, stats.proposed)]
-            totals.accepted = [a + b for a, b in zip(totals.accepted, stats.accepted)]
+        totals = stats if totals is None else totals + stats
     acc = " ".join(f"{a:.2f}" for a in totals.acceptance) or "-"
     print(f"[{'speculative, ' + str(k) + ' draft heads' if k else 'plain decoding'}] {totals.tokens} tokens, "
           f"{totals.tokens_per_forward:.2f} tokens per forward, acceptance per draft position [{acc}], "

@@ -31,6 +31,12 @@ class GenerationStats:
     accepted: list[int] = field(default_factory=list)  # ... and accepted
     seconds: float = 0.0
 
+    def __add__(self, other: GenerationStats) -> GenerationStats:
+        """Totals over several generate() calls (batches) with the same number of draft heads."""
+        return GenerationStats(self.forwards + other.forwards, self.sequence_steps + other.sequence_steps,
+                               self.tokens + other.tokens, [a + b for a, b in zip(self.proposed, other.proposed)],
+                               [a + b for a, b in zip(self.accepted, other.accepted)], self.seconds + other.seconds)
+
     @property
     def tokens_per_forward(self) -> float:
         """The paper's "average accepted": tokens a sequence gains per decoding forward."""
