@@ -96,6 +96,11 @@ class _SequentialHeads(torch.autograd.Function):
         return grad_h, None, None, None, None, None
 
 
+def padded_head_logits(heads, h, rope, n: int) -> torch.Tensor:
+    """(n, B, T, padded V) logits of heads 1..n on the trunk output h, all at once (the naive path)."""
+    return torch.stack([heads.output(heads.norm(heads.head_forward(k, h, rope))) for k in range(n)])
+
+
 def mtp_loss(heads, h, rope, labels, loss_impl: str = "sequential", grad_scale: float = 1.0):
     """(weighted total, per-head mean losses) of every head on the trunk output h (B, T, dim).
 
@@ -105,9 +110,7 @@ def mtp_loss(heads, h, rope, labels, loss_impl: str = "sequential", grad_scale: 
     targets = head_targets(labels, h.shape[1], cfg.n_future_tokens, cfg.ignore_index)
     if loss_impl == "sequential":
         return sequential_mtp_loss(heads, h, rope, targets, grad_scale)
-    padded_logits = torch.stack([heads.output(heads.norm(heads.head_forward(k, h, rope)))
-                                 for k in range(cfg.n_future_tokens)])
-    return naive_mtp_loss(heads, padded_logits, targets)
+    return naive_mtp_loss(heads, padded_head_logits(heads, h, rope, cfg.n_future_tokens), targets)
 
 
 def sequential_mtp_loss(model, h, rope, targets, grad_scale: float = 1.0):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .mtp_loss import cross_entropy_sum, head_targets, mtp_loss, naive_mtp_loss
+from .mtp_loss import cross_entropy_sum, head_targets, mtp_loss, naive_mtp_loss, padded_head_logits
 
 
 class RMSNorm(nn.Module):
@@ -208,7 +208,7 @@ class MTPTransformer(nn.Module):
             out.loss, out.head_losses = mtp_loss(self, h, rope, labels, self.loss_impl, grad_scale)
             return out
 
-        padded_logits = torch.stack([self.output(self.norm(self.head_forward(k, h, rope))) for k in range(n_heads)])
+        padded_logits = padded_head_logits(self, h, rope, n_heads)
         if labels is not None:
             targets = head_targets(labels, T, self.n_future_tokens, self.cfg.ignore_index)
             out.loss, out.head_losses = naive_mtp_loss(self, padded_logits, targets)

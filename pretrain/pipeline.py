@@ -20,9 +20,6 @@ from torch import nn
 from mtplm.model.mtp_loss import mtp_loss
 from mtplm.model.transformer import MTPTransformer, rotary_tables
 
-PARTITION_METHODS = ("blocks", "parameters", "uniform")
-
-
 def rope_for(h: torch.Tensor, cfg):
     positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
     return rotary_tables(positions, cfg.head_dim, cfg.rope_theta)

@@ -100,6 +100,8 @@ class Trainer:
         if t.activation_checkpointing and not self.layout.pipeline:
             apply_activation_checkpointing(model, t.activation_checkpoint_interval)
         self.zero_stage, self.precision = zero_stage(ds_cfg), precision(ds_cfg)
+        # DeepSpeed clips but keeps no gradient norm on this path, so the trainer takes it itself.
+        self.own_grad_norm = self.zero_stage == 0 and self.precision == "fp32"
         if self.zero_stage > 0:
             model.grad_ready_hook = ds_grad_ready_hook
         self.pipe_loss = None
@@ -113,7 +115,7 @@ class Trainer:
             mpu=None if self.layout.pipeline else self.layout.grid, dist_init_required=False)
         self.model = model
         self._pipeline_grad_norm = None
-        if self.layout.pipeline and self.zero_stage == 0 and self.precision == "fp32":
+        if self.layout.pipeline and self.own_grad_norm:
             self._record_pipeline_grad_norm()
         self.logger = MetricsLogger(self.out_dir, self.dist.rank, t.steps, 0, t.metrics_file,
                                     getattr(self.engine, "monitor", None))
@@ -193,10 +195,6 @@ class Trainer:
         dist.broadcast(heads, src=grid.stage_to_global(grid.pipe_parallel_size - 1), group=grid.get_pipe_parallel_group())
         return self._reduce_mean(heads).cpu()
 
-    def _pipeline_micro_batches(self, batches):
-        for batch in batches:
-            yield self._split(batch)
-
     def _record_pipeline_grad_norm(self) -> None:
         """ZeRO-0 in fp32 keeps no gradient norm, and the pipeline engine steps (and zeroes the gradients)
         inside train_batch, so the norm is taken where DeepSpeed would clip (or, with clipping off, just before
@@ -223,10 +221,11 @@ class Trainer:
     def _pipeline_train_step(self, batches) -> dict:
         self.pipe_loss.reset()
         self.pipe_loss.grad_scale = loss_grad_scale(self.engine)
-        loss = float(self.engine.train_batch(self._pipeline_micro_batches(batches)))
-        head_losses = self._pipeline_head_losses()
-        grad_norm = self._pipeline_grad_norm if self.zero_stage == 0 and self.precision == "fp32" \
-            else self.engine.get_global_grad_norm()
+        loss = float(self.engine.train_batch(map(self._split, batches)))
+        grad_norm = self._pipeline_grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
+        return self._train_metrics(loss, self._pipeline_head_losses(), grad_norm)
+
+    def _train_metrics(self, loss: float, head_losses: torch.Tensor, grad_norm) -> dict:
         return {"loss": loss, "head_losses": [float(x) for x in head_losses],
                 "lr": float(self.engine.get_lr()[0]),
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
@@ -242,9 +241,8 @@ class Trainer:
             tokens, labels = self._split(next(batches))
             out = self.engine(tokens, labels, grad_scale=loss_grad_scale(self.engine))
             self.engine.backward(out.loss)
-            if micro == gas - 1 and self.zero_stage == 0 and self.precision == "fp32":
-                # DeepSpeed clips but does not keep the norm on this path; the gradients are already averaged.
-                grad_norm = self._grad_norm()
+            if micro == gas - 1 and self.own_grad_norm:
+                grad_norm = self._grad_norm()  # before engine.step() clips; the gradients are already averaged
             self.engine.step()
             head_sum += out.head_losses.detach().float().cpu()
             loss_sum += float(out.loss.detach())
@@ -252,37 +250,27 @@ class Trainer:
         loss = float(self._reduce_mean(torch.tensor(loss_sum / gas)))
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-        return {"loss": loss, "head_losses": [float(x) for x in head_losses],
-                "lr": float(self.engine.get_lr()[0]),
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        return self._train_metrics(loss, head_losses, grad_norm)
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
         if self.valid_loader is None or self.cfg.train.eval_iters == 0:
             return None
+        # The validation split may hold fewer than eval_iters micro-batches (the pipeline engine must be told).
+        batches = list(itertools.islice(iter(self.valid_loader), self.cfg.train.eval_iters))
+        if not batches:
+            return None
         if self.layout.pipeline:
             self.pipe_loss.reset()
-            # The pipeline engine pulls a fixed number of micro-batches; the validation split may hold fewer.
-            batches = list(itertools.islice(iter(self.valid_loader), self.cfg.train.eval_iters))
-            if not batches:
-                return None
-            self.engine.eval_batch(self._pipeline_micro_batches(iter(batches)), num_micro_batches=len(batches))
+            self.engine.eval_batch(map(self._split, batches), num_micro_batches=len(batches))
             head_losses = self._pipeline_head_losses()
-            self.engine.train()
-            weights = torch.tensor(self.cfg.model.loss_weights)
-            return {"loss": float((weights * head_losses).sum()), "head_losses": [float(x) for x in head_losses]}
-        self.engine.eval()
-        head_sum, count = torch.zeros(self.cfg.model.n_future_tokens), 0
-        for i, batch in enumerate(self.valid_loader):
-            if i >= self.cfg.train.eval_iters:
-                break
-            tokens, labels = self._split(batch)
-            head_sum += self.engine(tokens, labels).head_losses.float().cpu()
-            count += 1
+        else:
+            self.engine.eval()
+            head_sum = torch.zeros(self.cfg.model.n_future_tokens)
+            for tokens, labels in map(self._split, batches):
+                head_sum += self.engine(tokens, labels).head_losses.float().cpu()
+            head_losses = self._reduce_mean(head_sum / len(batches)).cpu()
         self.engine.train()
-        if count == 0:
-            return None
-        head_losses = self._reduce_mean(head_sum / count).cpu()
         weights = torch.tensor(self.cfg.model.loss_weights)
         return {"loss": float((weights * head_losses).sum()), "head_losses": [float(x) for x in head_losses]}
 

@@ -19,6 +19,11 @@ TINY = {
 }
 
 
+def tiny_with(**model) -> dict:
+    """TINY with some model keys changed."""
+    return {**TINY, "model": {**TINY["model"], **model}}
+
+
 def ds_json(tmp: Path, name: str) -> Path:
     """A shipped config with small buckets and no persistent parameters, so tiny models still exercise
     ZeRO-3 partitioning and several reduction buckets. (A bucket smaller than the largest parameter makes

@@ -3,10 +3,15 @@ single-process reference: several optimizer steps of the tiny n=4 model with the
 the losses, per-head losses, gradient norm and final parameters of the naive single-process run of the same
 global batch (8 samples per step, 4 micro-batches in flight per pipeline when there is one replica)."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
-from dist_training import TINY, assert_matches, ds_json, train
+from dist_launch import run_ranks
+from dist_training import TINY, assert_matches, ds_json, tiny_with, train
+from mtplm.data.synthetic import write_token_dataset
 from mtplm.pretrain.config import ConfigError, TrainConfig, from_dict
 from mtplm.pretrain.consolidate import consolidated_state_dict
 from mtplm.pretrain.ds_config import build_ds_config
@@ -60,8 +65,7 @@ def test_pipeline_with_zero2_or_tied_embeddings_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="ZeRO-2 cannot run with parallel.pipeline 2"):
         build_ds_config(cfg, ds_json(tmp_path, "zero2.json"), dp_world_size=1, on_cpu=True)
     with pytest.raises(ConfigError, match="needs them untied"):
-        from_dict(TrainConfig, {**TINY, "model": {**TINY["model"], "tie_embeddings": True},
-                                "parallel": {"pipeline": 2}})
+        from_dict(TrainConfig, {**tiny_with(tie_embeddings=True), "parallel": {"pipeline": 2}})
     with pytest.raises(ConfigError, match="only 4 pipeline layers"):
         from_dict(TrainConfig, {**TINY, "parallel": {"pipeline": 5}})
 
@@ -70,13 +74,6 @@ def test_pipeline_with_zero2_or_tied_embeddings_is_rejected(tmp_path):
 def test_pp2_trains_from_a_token_dataset_with_validation(tmp_path):
     """The launcher's path: pretrain/train.py as two ranks, micro-batches from a memory-mapped dataset (the
     first stage reads the inputs, the last the labels), validation through the pipeline's eval schedule."""
-    import json
-
-    import numpy as np
-
-    from dist_launch import run_ranks
-    from mtplm.data.synthetic import write_token_dataset
-
     rng = np.random.default_rng(0)
     docs = [list((np.arange(rng.integers(20, 200)) * (1 + i % 5) + i) % 199 + 1) for i in range(300)]
     data = write_token_dataset(tmp_path / "data", docs, vocab_size=200)
@@ -88,10 +85,10 @@ def test_pp2_trains_from_a_token_dataset_with_validation(tmp_path):
     run_ranks(2, ["pretrain/train.py", "--config", str(cfg), "--parallel.pipeline", "2", "--train.out_dir", str(out),
                   "--deepspeed_config", str(ds_json(tmp_path, "zero1.json"))], timeout=600)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["kind"] == "train"]
+    steps = [r for r in records if r["kind"] == "train"]
     valid = [r for r in records if r["kind"] == "valid"]
     assert [r["step"] for r in valid] == [6, 12]
-    assert len(train[-1]["head_losses"]) == 4
-    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    assert len(steps[-1]["head_losses"]) == 4
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
     assert valid[-1]["loss"] < valid[0]["loss"]
     assert (out / "final" / "model.safetensors").is_file() and (out / "logs" / "rank1.log").is_file()

@@ -5,10 +5,15 @@ naive single-process run of the same global batch (8 samples per step): losses, 
 norm and every parameter of the consolidated final model, which is gathered from the tensor shards.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from dist_training import TINY, assert_matches, ds_json, train
+from dist_launch import REPO
+from dist_training import TINY, assert_matches, ds_json, tiny_with, train
 from mtplm.pretrain.config import ConfigError, TrainConfig, from_dict
 from mtplm.pretrain.consolidate import consolidated_state_dict
 from mtplm.pretrain.parallel_layout import check_world_size
@@ -46,11 +51,6 @@ def test_tp2_tied_embeddings_matches_single_process(tmp_path):
     assert_matches(ref, got)
 
 
-def tiny(**model):
-    data = {**TINY, "model": {**TINY["model"], **model}}
-    return data
-
-
 @pytest.mark.parametrize("model, tp, message", [
     ({"n_heads": 4, "n_kv_heads": 1}, 2, "key/value heads"),
     ({"n_heads": 2, "n_kv_heads": 2}, 4, "attention heads"),
@@ -58,7 +58,7 @@ def tiny(**model):
 ])
 def test_impossible_tensor_parallel_sizes_are_rejected(model, tp, message):
     with pytest.raises(ConfigError, match=message):
-        from_dict(TrainConfig, {**tiny(**model), "parallel": {"tensor": tp}})
+        from_dict(TrainConfig, {**tiny_with(**model), "parallel": {"tensor": tp}})
 
 
 def test_world_size_must_be_a_multiple_of_tensor_parallel():
@@ -74,12 +74,6 @@ def test_world_size_must_be_a_multiple_of_tensor_parallel():
      "ZeRO-3 cannot run with parallel.pipeline 2"),
 ])
 def test_trainer_refuses_impossible_layouts_before_any_process_group(tmp_path, world, args, message):
-    import os
-    import subprocess
-    import sys
-
-    from dist_launch import REPO
-
     # MASTER_PORT 1: any attempt to form a process group would fail instead of printing the reason.
     env = dict(os.environ, RANK="0", WORLD_SIZE=world, LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
     proc = subprocess.run([sys.executable, "pretrain/train.py", "--config", "configs/tiny.yaml", *args,
