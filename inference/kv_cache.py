@@ -19,33 +19,30 @@ class LayerKVCache:
         self.used = 0  # slots any sequence may read in this forward
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
-        """k, v: (B, kv_heads, T, D) for the positions in write_positions; returns the readable slots."""
-        B, H, T, D = k.shape
+        """k, v: (R, kv_heads, T, D) for the positions in write_positions (B, T); returns the readable slots of
+        rows 0..R-1. R may be a multiple of B: several heads' batches stacked head-major share the positions."""
+        R, _, T, _ = k.shape
         pos = self.write_positions
-        b = torch.arange(B, device=k.device).view(B, 1).expand(B, T)
+        pos = pos.repeat(R // pos.shape[0], 1)
+        b = torch.arange(R, device=k.device).view(R, 1).expand(R, T)
         self.k[b, :, pos] = k.transpose(1, 2)
         self.v[b, :, pos] = v.transpose(1, 2)
-        return self.k[:, :, : self.used], self.v[:, :, : self.used]
+        return self.k[:R, :, : self.used], self.v[:R, :, : self.used]
 
 
 class ModelKVCache:
-    """One LayerKVCache per trunk block and per head (head 1's block is the main stack's last)."""
+    """One LayerKVCache per trunk block, and one for all the heads, stacked head-major (see StackedHeads)."""
 
     def __init__(self, model, batch: int, max_len: int, dtype=None, device=None):
         cfg = model.cfg
         p = next(model.parameters())
         dtype, device = dtype or p.dtype, device or p.device
-        n_blocks = cfg.n_trunk_layers + cfg.n_future_tokens
-        self.layers = [LayerKVCache(batch, cfg.kv_heads, max_len, cfg.head_dim, dtype, device) for _ in range(n_blocks)]
-        self.n_trunk = cfg.n_trunk_layers
+        self.trunk = [LayerKVCache(batch, cfg.kv_heads, max_len, cfg.head_dim, dtype, device)
+                      for _ in range(cfg.n_trunk_layers)]
+        self.heads = LayerKVCache(batch * cfg.n_future_tokens, cfg.kv_heads, max_len, cfg.head_dim, dtype, device)
+        self.layers = self.trunk + [self.heads]
         self.max_len = max_len
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # cached positions per sequence
-
-    def trunk(self) -> list[LayerKVCache]:
-        return self.layers[: self.n_trunk]
-
-    def head(self, k: int) -> LayerKVCache:
-        return self.layers[self.n_trunk + k]
 
     def prepare(self, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (B, T) of the next n_new tokens of every sequence and the attention mask

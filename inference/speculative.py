@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .kv_cache import ModelKVCache
+from .stacked_heads import StackedHeads
 
 
 @dataclass
@@ -66,15 +67,16 @@ class MTPGenerator:
     def __init__(self, model):
         self.model = model.eval()
         self.n_heads = model.cfg.n_future_tokens
+        self.heads = StackedHeads(model)  # a copy of the head weights: build a new generator after training more
 
     def _forward(self, cache: ModelKVCache, tokens: torch.Tensor, n_heads: int):
         """Trunk + heads 1..n_heads on tokens (B, T); returns head 1's logits (B, T, V) and every head's
-        hidden states (B, T, d) (unembedded later, only where a draft is needed)."""
+        hidden states (n_heads, B, T, d) (unembedded later, only where a draft is needed)."""
         m = self.model
         positions, mask = cache.prepare(tokens.shape[1])
         rope = m.rope(positions)
-        h = m.trunk(tokens, rope, cache.trunk(), mask)
-        hidden = [m.head_forward(j, h, rope, cache.head(j), mask) for j in range(n_heads)]
+        h = m.trunk(tokens, rope, cache.trunk, mask)
+        hidden = self.heads(h, rope, cache.heads, mask, n_heads)
         return m.unembed(hidden[0]), hidden
 
     def _choose(self, logits, sample: bool, temperature: float, top_p: float, gen):
@@ -186,6 +188,5 @@ class MTPGenerator:
         """Heads 2..k+1 at position `at` of each sequence propose the tokens after the pending one."""
         if k == 0:
             return torch.zeros(len(rows), 0, dtype=torch.long, device=rows.device), None
-        h = torch.stack([hidden[j][rows, at] for j in range(1, k + 1)], dim=1)  # (B, k, d)
-        logits = self.model.unembed(h)
+        logits = self.model.unembed(hidden[1:, rows, at].transpose(0, 1))  # (B, k, V)
         return self._choose(logits, sample, temperature, top_p, gen)

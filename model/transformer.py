@@ -29,10 +29,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (as Meta's reference does) and cast back, so bf16 runs stay stable.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return rms_normalize(x, self.eps) * self.weight
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 (as Meta's reference does) and cast back, so bf16 runs stay stable.
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +74,7 @@ def residual_std(cfg: ModelConfig) -> float:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.head_dim = cfg.head_dim  # head counts follow from the weights' shapes, which tensor parallelism splits
         self.wq = linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
         self.wk = linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
         self.wv = linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
@@ -85,17 +88,21 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, -1, self.head_dim)
         v = self.wv(x).view(B, T, -1, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
-        if cache is not None:
-            k, v = cache.update(k, v)
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = attend(*(t.transpose(1, 2) for t in (q, k, v)), cache, attn_mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def attend(q, k, v, cache=None, attn_mask=None) -> torch.Tensor:
+    """Causal attention of q (B, heads, T, D) over k, v (B, kv_heads, T, D), after the cache's past keys and
+    values when a cache is given (then attn_mask must be given too)."""
+    if cache is not None:
+        k, v = cache.update(k, v)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key/value head serves several query heads
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if attn_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 class FeedForward(nn.Module):

@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from mtplm.pretrain.trainer import Trainer
 
-    log(f"training an n={cfg.model.n_future_tokens} model for {cfg.train.steps} steps on the CPU "
+    import torch
+
+    where = "the GPU" if torch.cuda.is_available() else "the CPU"
+    log(f"training an n={cfg.model.n_future_tokens} model for {cfg.train.steps} steps on {where} "
         f"(per-head losses below: head k predicts token t+k)")
     t0 = time.time()
     result = Trainer(cfg).train()

@@ -155,8 +155,6 @@ def parallelize_block(block, tp: TensorParallel) -> None:
     for name in ("wq", "wk", "wv"):
         setattr(attn, name, ColumnParallelLinear(getattr(attn, name), tp, copy_input=False))
     attn.wo = RowParallelLinear(attn.wo, tp)
-    attn.n_heads //= tp.world
-    attn.n_kv_heads //= tp.world
     ffn.w1 = ColumnParallelLinear(ffn.w1, tp, copy_input=False)
     ffn.w3 = ColumnParallelLinear(ffn.w3, tp, copy_input=False)
     ffn.w2 = RowParallelLinear(ffn.w2, tp)

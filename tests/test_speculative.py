@@ -5,7 +5,9 @@ import copy
 import pytest
 import torch
 
+from mtplm.inference.kv_cache import LayerKVCache, ModelKVCache
 from mtplm.inference.speculative import MTPGenerator, filtered_probs
+from mtplm.inference.stacked_heads import StackedHeads
 from mtplm.model.config import ModelConfig
 from mtplm.model.transformer import MTPTransformer
 
@@ -51,6 +53,28 @@ def reference_greedy(model, prompt, n):
 def random_prompts(g, count):
     b = motif_batch(g, bs=count, T=40)
     return [b[i, : int(torch.randint(2, 30, (1,), generator=g))].tolist() for i in range(count)]
+
+
+@pytest.mark.parametrize("n_run", [1, 3, 4])
+def test_stacked_heads_equal_each_heads_own_block(trained, n_run):
+    """The batched heads against the model's blocks run one by one, each with its own cache: a ragged
+    prefill, then a step of 3 tokens per sequence from different lengths."""
+    cfg = trained.cfg
+    g = torch.Generator().manual_seed(n_run)
+    stacked = ModelKVCache(trained, 2, 64)
+    own = [LayerKVCache(2, cfg.kv_heads, 64, cfg.head_dim, torch.float32, "cpu") for _ in range(n_run)]
+    heads = StackedHeads(trained)
+    for new_tokens, lengths in ((20, [0, 0]), (3, [17, 11])):
+        stacked.lengths = torch.tensor(lengths)
+        positions, mask = stacked.prepare(new_tokens)
+        for layer in own:
+            layer.write_positions, layer.used = positions, stacked.heads.used
+        rope = trained.rope(positions)
+        h = torch.randn(2, new_tokens, cfg.dim, generator=g)
+        with torch.no_grad():
+            got = heads(h, rope, stacked.heads, mask, n_run)
+            want = torch.stack([trained.head_forward(j, h, rope, own[j], mask) for j in range(n_run)])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
