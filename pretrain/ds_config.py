@@ -5,6 +5,8 @@ source. Values the JSON repeats must agree, or start-up stops with both values n
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig
@@ -38,6 +40,20 @@ def precision(ds: dict) -> str:
     if ds.get("fp16", {}).get("enabled", False):
         return "fp16"
     return "fp32"
+
+
+def check_arch_list_for_deepspeed(arch_list: str) -> None:
+    """DeepSpeed 0.19.8 JIT-builds its fused Adam on the first step and parses every TORCH_CUDA_ARCH_LIST entry
+    as numbers: an architecture-specific one that PyTorch accepts ("9.0a", as some CUDA images set for Hopper)
+    makes it fail deep inside the op builder (int('0a'); DeepSpeed PR #8619). Say so before any work is done."""
+    bad = [a for a in re.split(r"[;\s]+", arch_list.strip()) if a and not re.fullmatch(r"\d+\.\d+(\+PTX)?", a)]
+    if bad:
+        plain = ";".join(dict.fromkeys(re.sub(r"[a-z]+(?=$|\+)", "", a) for a in re.split(r"[;\s]+", arch_list.strip())
+                                       if a))
+        raise ConfigError(f"TORCH_CUDA_ARCH_LIST={arch_list!r}: DeepSpeed cannot build its fused Adam for "
+                          f"{', '.join(bad)} (it accepts entries like 9.0 or 9.0+PTX only); set "
+                          f"TORCH_CUDA_ARCH_LIST={plain!r} (the fused Adam needs no architecture-specific "
+                          f"instructions)")
 
 
 def build_ds_config(cfg: TrainConfig, ds_path: str | Path | None, dp_world_size: int, on_cpu: bool) -> dict:
@@ -79,6 +95,8 @@ def build_ds_config(cfg: TrainConfig, ds_path: str | Path | None, dp_world_size:
     if on_cpu and not offload:
         # torch's AdamW: DeepSpeed's fused Adam is a GPU kernel; on CPU it would JIT-build for nothing.
         adam_params["torch_adam"] = True
+    elif not on_cpu:
+        check_arch_list_for_deepspeed(os.environ.get("TORCH_CUDA_ARCH_LIST", ""))
     ds["optimizer"] = {"type": "AdamW", "params": adam_params}
     ds["scheduler"] = {
         "type": "WarmupCosineLR",

@@ -91,3 +91,30 @@ def test_shipped_configs_load():
     for path in sorted((root / "ds_configs").glob("*.json")):
         data = json.loads(path.read_text())
         assert data["gradient_clipping"] == 1.0, f"{path.name}: gradient_clipping must be explicit"
+
+
+@pytest.mark.parametrize("arch_list", ["9.0a", "8.0;9.0a+PTX", "8.6 10.0f"])
+def test_cuda_arch_list_deepspeed_cannot_parse_is_refused_with_the_fix(monkeypatch, arch_list):
+    # The reference is DeepSpeed's own parser (the one its fused Adam's JIT build runs on a GPU's first step):
+    # the value is refused exactly when that parser fails, and the suggested value is one it accepts.
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder
+
+    def deepspeed_parses(value: str) -> bool:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", value)
+        builder = FusedAdamBuilder()
+        builder.jit_mode = True
+        try:
+            builder.compute_capability_args()
+            return True
+        except ValueError:
+            return False
+
+    cfg = load_config(TrainConfig, None, [])
+    assert not deepspeed_parses(arch_list)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    with pytest.raises(ConfigError, match="TORCH_CUDA_ARCH_LIST=.*set TORCH_CUDA_ARCH_LIST='([^']+)'") as err:
+        build_ds_config(cfg, None, dp_world_size=1, on_cpu=False)
+    suggested = err.value.args[0].split("set TORCH_CUDA_ARCH_LIST='")[1].split("'")[0]
+    assert deepspeed_parses(suggested)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", suggested)
+    assert "torch_adam" not in build_ds_config(cfg, None, dp_world_size=1, on_cpu=False)["optimizer"]["params"]
