@@ -39,14 +39,15 @@ def ds_json(tmp: Path, name: str) -> Path:
     return path
 
 
-def train(tmp: Path, name: str, world: int, *args: str) -> tuple[list[dict], dict]:
-    """Train TINY with `world` ranks (extra args are config overrides); returns (per-step training records then
-    validation records, final weights)."""
+def train(tmp: Path, name: str, world: int, *args: str, sample_extra: int = 2) -> tuple[list[dict], dict]:
+    """Train TINY with `world` ranks (extra args are config overrides) on samples of seq_len + sample_extra
+    tokens (heads k > sample_extra have no target at the last positions); returns (per-step training records
+    then validation records, final weights)."""
     cfg = tmp / "tiny.json"
     cfg.write_text(json.dumps(TINY))
     out = tmp / name
     run_ranks(world, ["tests/workers/train_synthetic.py", "--config", str(cfg), "--train.out_dir", str(out),
-                      "--sample_extra", "2", *args], timeout=900)
+                      "--sample_extra", str(sample_extra), *args], timeout=900)
     log = json.loads((out / "train_log.json").read_text())
     return log["train"] + log["eval"], load_file(str(out / "final" / "model.safetensors"))
 

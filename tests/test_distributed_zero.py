@@ -3,8 +3,10 @@
 The sequential heads compute gradients inside the forward, so a passing single-process test proves nothing
 about ZeRO: these runs compare the losses and the parameters after several optimizer steps (n=4 heads with
 unequal weights, masked positions, gradient accumulation, clipping on) with a naive single-process run of the
-same global batch.
+same global batch. The same comparison runs for n=1 and n=2 heads, against references of their own.
 """
+
+import json
 
 import pytest
 
@@ -16,6 +18,29 @@ pytestmark = pytest.mark.distributed
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_data_parallel_sequential_matches_single_process(tmp_path, reference, stage):
     got = train(tmp_path, f"z{stage}", 2, "--deepspeed_config", str(ds_json(tmp_path, f"zero{stage}.json")))
+    assert_matches(reference, got)
+
+
+def fewer_heads(n: int) -> list[str]:
+    """TINY's two trunk blocks with n heads; head 2 (n=2) has no target at the last position."""
+    return ["--model.n_future_tokens", str(n), "--model.n_layers", str(2 + n),
+            "--model.head_loss_weights", json.dumps([1.0, 0.4][:n])]
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=lambda n: f"n{n}")
+def fewer_heads_reference(request, tmp_path_factory):
+    n = request.param
+    ref = train(tmp_path_factory.mktemp(f"ref_n{n}"), "ref", 1, "--train.loss_impl", "naive",
+                "--train.grad_accum_steps", "4", *fewer_heads(n), sample_extra=1)
+    return n, ref
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_fewer_heads_sequential_matches_single_process(tmp_path, fewer_heads_reference, stage):
+    n, reference = fewer_heads_reference
+    got = train(tmp_path, f"n{n}z{stage}", 2, "--deepspeed_config", str(ds_json(tmp_path, f"zero{stage}.json")),
+                *fewer_heads(n), sample_extra=1)
+    assert len(got[0][0]["head_losses"]) == n
     assert_matches(reference, got)
 
 
