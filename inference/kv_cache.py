@@ -12,9 +12,10 @@ import torch
 
 
 class LayerKVCache:
-    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device, stacked: int = 1):
+        self.k = torch.zeros(stacked * batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        self.batch, self.stacked = batch, stacked  # rows: `stacked` heads' batches, head-major
         self.write_positions: torch.Tensor | None = None  # (B, T), set before each forward
         self.used = 0  # slots any sequence may read in this forward
 
@@ -29,6 +30,12 @@ class LayerKVCache:
         self.v[b, :, pos] = v.transpose(1, 2)
         return self.k[:R, :, : self.used], self.v[:R, :, : self.used]
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (in this order); with several heads stacked head-major, in every head."""
+        index = (torch.arange(self.stacked, device=rows.device).view(-1, 1) * self.batch + rows).flatten()
+        self.k, self.v = self.k[index], self.v[index]
+        self.batch = len(rows)
+
 
 class ModelKVCache:
     """One LayerKVCache per trunk block, and one for all the heads, stacked head-major (see StackedHeads)."""
@@ -39,7 +46,7 @@ class ModelKVCache:
         dtype, device = dtype or p.dtype, device or p.device
         self.trunk = [LayerKVCache(batch, cfg.kv_heads, max_len, cfg.head_dim, dtype, device)
                       for _ in range(cfg.n_trunk_layers)]
-        self.heads = LayerKVCache(batch * cfg.n_future_tokens, cfg.kv_heads, max_len, cfg.head_dim, dtype, device)
+        self.heads = LayerKVCache(batch, cfg.kv_heads, max_len, cfg.head_dim, dtype, device, cfg.n_future_tokens)
         self.layers = self.trunk + [self.heads]
         self.max_len = max_len
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # cached positions per sequence
@@ -56,3 +63,9 @@ class ModelKVCache:
         slots = torch.arange(used, device=positions.device)
         mask = slots.view(1, 1, 1, used) <= positions.view(positions.shape[0], 1, n_new, 1)
         return positions, mask
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop the sequences not in rows (B,) from every cache: finished sequences cost nothing from then on."""
+        for layer in self.layers:
+            layer.keep(rows)
+        self.lengths = self.lengths[rows]

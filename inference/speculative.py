@@ -102,9 +102,9 @@ class MTPGenerator:
         B = len(prompts)
         lens = torch.tensor([len(p) for p in prompts], device=device)
         P = int(lens.max())
-        # A sequence may accept k drafts past its limit in its last step, and finished sequences are still
-        # fed (k + 1 positions past where they stopped) until the whole batch is done.
-        cache = ModelKVCache(self.model, B, P + max_new_tokens + 2 * (k + 1))
+        # A sequence in the batch has fewer than max_new_tokens generated, all but the pending one cached, and a
+        # step writes the pending token and k drafts after them.
+        cache = ModelKVCache(self.model, B, P + max_new_tokens + k)
         stats = GenerationStats(proposed=[0] * k, accepted=[0] * k)
         t0 = time.perf_counter()
 
@@ -139,24 +139,34 @@ class MTPGenerator:
 
         for b, tok in enumerate(pending.tolist()):
             emit(b, tok)
-        while not all(done):
-            active = torch.tensor([not d for d in done], device=device)
-            step_in = torch.cat([pending.unsqueeze(1), drafts], dim=1)  # (B, k + 1)
+        alive = list(range(B))  # the prompt of each row of the batch
+        while True:
+            keep = [r for r, b in enumerate(alive) if not done[b]]
+            if not keep:
+                break
+            if len(keep) < len(alive):  # finished sequences leave the batch and the caches
+                kept = torch.tensor(keep, device=device)
+                cache.keep(kept)
+                pending, drafts, q = pending[kept], drafts[kept], None if q is None else q[kept]
+                alive = [alive[r] for r in keep]
+            n_rows = len(alive)
+            rows = torch.arange(n_rows, device=device)
+            step_in = torch.cat([pending.unsqueeze(1), drafts], dim=1)  # (rows, k + 1)
             logits, hidden = self._forward(cache, step_in, k + 1)
             stats.forwards += 1
-            stats.sequence_steps += B - sum(done)
+            stats.sequence_steps += n_rows
             if sample:
-                p = filtered_probs(logits, temperature, top_p)  # (B, k + 1, V)
-                accept = torch.ones(B, 0, dtype=torch.bool, device=device)
+                p = filtered_probs(logits, temperature, top_p)  # (rows, k + 1, V)
+                accept = torch.ones(n_rows, 0, dtype=torch.bool, device=device)
                 if k:
                     idx = drafts.unsqueeze(-1)
                     ratio = (p[:, :k].gather(-1, idx) / q.gather(-1, idx).clamp_min(1e-20)).squeeze(-1)
-                    u = torch.rand(B, k, generator=gen, device=device)
+                    u = torch.rand(n_rows, k, generator=gen, device=device)
                     accept = u < ratio.clamp(max=1.0)
             else:
-                greedy = logits.argmax(-1)  # (B, k + 1)
+                greedy = logits.argmax(-1)  # (rows, k + 1)
                 accept = drafts == greedy[:, :k]
-            n_acc = accept.long().cumprod(dim=1).sum(dim=1) if k else torch.zeros(B, dtype=torch.long, device=device)
+            n_acc = accept.long().cumprod(dim=1).sum(dim=1) if k else torch.zeros_like(rows)
             if sample:
                 final_p = p[rows, n_acc]  # head 1 at the position after the last accepted token
                 if k:
@@ -168,9 +178,7 @@ class MTPGenerator:
                 new_pending = torch.multinomial(final_p, 1, generator=gen).squeeze(1)
             else:
                 new_pending = greedy[rows, n_acc]
-            for b, (a, drafted, tok) in enumerate(zip(n_acc.tolist(), drafts.tolist(), new_pending.tolist())):
-                if done[b]:
-                    continue
+            for b, a, drafted, tok in zip(alive, n_acc.tolist(), drafts.tolist(), new_pending.tolist()):
                 for j in range(k):  # draft j was judged only if drafts before it were accepted
                     stats.proposed[j] += int(j <= a)
                     stats.accepted[j] += int(j < a)
@@ -178,7 +186,7 @@ class MTPGenerator:
                     emit(b, drafted[j])
                 emit(b, tok)
             # Positions L .. L+a now hold the pending token and the accepted drafts; the rest is rolled back.
-            cache.lengths = cache.lengths + (n_acc + 1) * active  # finished sequences stay put
+            cache.lengths = cache.lengths + n_acc + 1
             pending = new_pending
             drafts, q = self._draft(hidden, rows, n_acc, k, sample, temperature, top_p, gen)
         stats.seconds = time.perf_counter() - t0

@@ -95,9 +95,13 @@ class Attention(nn.Module):
 def attend(q, k, v, cache=None, attn_mask=None) -> torch.Tensor:
     """Causal attention of q (B, heads, T, D) over k, v (B, kv_heads, T, D), after the cache's past keys and
     values when a cache is given (then attn_mask must be given too)."""
+    grouped = k.shape[1] != q.shape[1]  # grouped-query attention: each key/value head serves several query heads
     if cache is not None:
         k, v = cache.update(k, v)
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key/value head serves several query heads
+        # Decoding: SDPA shares each cached key/value head among its query heads in place; repeating them would
+        # copy the whole cache at every step.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=grouped)
+    if grouped:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if attn_mask is None:

@@ -93,6 +93,38 @@ def test_greedy_speculative_equals_plain_greedy(trained, batch):
     assert plain[0] == reference_greedy(trained, prompts[0], 40)  # and the cache machinery is exact
 
 
+def test_batch_drafts_like_each_sequence_alone(trained):
+    """Greedy drafts depend on nothing but the sequence: a ragged batch, whose finished sequences leave it (and
+    its caches) along the way, proposes and accepts exactly what each prompt does alone. Lossless output alone
+    would not show a head cache mixed up between sequences; the acceptance counts do."""
+    gen = MTPGenerator(trained)
+    prompts = random_prompts(torch.Generator().manual_seed(9), 6)
+    stop = [gen.generate(prompts[:1], 30)[0][0][10]]
+    batched, stats = gen.generate(prompts, 30, draft_heads=3, stop_tokens=stop)
+    alone = [gen.generate([p], 30, draft_heads=3, stop_tokens=stop) for p in prompts]
+    assert batched == [out[0] for out, _ in alone]
+    assert stats.sequence_steps < len(prompts) * stats.forwards  # sequences did leave the batch early
+    total = sum((s for _, s in alone[1:]), alone[0][1])
+    assert (stats.tokens, stats.sequence_steps, stats.proposed, stats.accepted) == \
+        (total.tokens, total.sequence_steps, total.proposed, total.accepted)
+
+
+def test_cache_keeps_rows_of_every_stacked_head():
+    cache = ModelKVCache(MTPTransformer(ModelConfig(dim=32, n_layers=4, n_heads=2, vocab_size=V, n_future_tokens=3,
+                                                    multiple_of=16, vocab_pad_multiple=8)), 3, 8)
+    for layer in cache.layers:
+        layer.k.normal_(), layer.v.normal_()
+    before = [(layer.k.clone(), layer.v.clone()) for layer in cache.layers]
+    cache.lengths = torch.tensor([4, 5, 6])
+    cache.keep(torch.tensor([2, 0]))
+    assert cache.lengths.tolist() == [6, 4]
+    for layer, (k, v) in zip(cache.trunk, before):
+        assert torch.equal(layer.k, k[[2, 0]]) and torch.equal(layer.v, v[[2, 0]])
+    k, v = before[-1]  # heads stacked head-major: head j's sequence b in row 3 * j + b
+    rows = [2, 0, 5, 3, 8, 6]
+    assert torch.equal(cache.heads.k, k[rows]) and torch.equal(cache.heads.v, v[rows])
+
+
 def test_rollback_after_rejections_equals_decoding_from_scratch(trained):
     """Heads re-initialised at random propose mostly wrong drafts: nearly every step rolls the caches back,
     and the output must still be exactly what cache-free decoding gives."""
