@@ -95,14 +95,16 @@ class Attention(nn.Module):
 def attend(q, k, v, cache=None, attn_mask=None) -> torch.Tensor:
     """Causal attention of q (B, heads, T, D) over k, v (B, kv_heads, T, D), after the cache's past keys and
     values when a cache is given (then attn_mask must be given too)."""
-    grouped = k.shape[1] != q.shape[1]  # grouped-query attention: each key/value head serves several query heads
+    rep = q.shape[1] // k.shape[1]  # grouped-query attention: each key/value head serves rep query heads
     if cache is not None:
         k, v = cache.update(k, v)
-        # Decoding: SDPA shares each cached key/value head among its query heads in place; repeating them would
-        # copy the whole cache at every step.
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=grouped)
-    if grouped:
-        rep = q.shape[1] // k.shape[1]
+        # Decoding: fold the rep query heads of each key/value head into the query length, so the cache is read
+        # in place rather than copied rep times at every step (and every SDPA backend, masked ones too, takes it).
+        B, H, T, D = q.shape
+        out = F.scaled_dot_product_attention(q.reshape(B, H // rep, rep * T, D), k, v,
+                                             attn_mask=attn_mask.repeat(1, 1, rep, 1))
+        return out.reshape(B, H, T, D)
+    if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if attn_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -77,6 +77,25 @@ def test_stacked_heads_equal_each_heads_own_block(trained, n_run):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_cached_logits_equal_cache_free_logits(trained):
+    """Prefill, then steps of several tokens, through the KV caches (grouped-query attention read in place, two
+    sequences at different lengths): head 1's logits equal the model's on the whole sequence, to rounding."""
+    gen = MTPGenerator(trained)
+    seqs = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(4))
+    cache = ModelKVCache(trained, 2, 32)
+    starts = [0, 0]
+    with torch.no_grad():
+        want = trained(seqs).logits
+        for row_steps in ([12, 9], [3, 5], [6, 2]):
+            width = max(row_steps)
+            step = torch.stack([seqs[b, starts[b]:starts[b] + width] for b in range(2)])
+            got, _ = gen._forward(cache, step, 4)
+            for b, n in enumerate(row_steps):
+                torch.testing.assert_close(got[b, :n], want[b, starts[b]:starts[b] + n], atol=1e-4, rtol=1e-4)
+            starts = [s + n for s, n in zip(starts, row_steps)]
+            cache.lengths = torch.tensor(starts)
+
+
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_greedy_speculative_equals_plain_greedy(trained, batch):
     g = torch.Generator().manual_seed(batch)
