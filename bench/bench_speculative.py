@@ -10,7 +10,8 @@ speedup / tokens-per-forward (how much of the accepted drafts' gain survives the
 and drafting). A batch runs until its slowest sequence is done, so beyond batch 1 the forwards saved fall
 short of the tokens per forward: "fwd ratio" is plain decoding's forwards over speculative decoding's, and
 "step cost" = speedup / fwd ratio is the time of a plain step over that of a speculative one, the per-step
-overhead alone (at batch 1 it equals speedup/tpf).
+overhead alone (at batch 1 it equals speedup/tpf; beyond, finished sequences leave the batch, so the last
+steps of a speculative batch are narrower).
 The heads run side by side as one batched block (inference/stacked_heads.py), so a speculative step takes
 about the operations of a plain one; but it reads the weights of k+1 heads where plain decoding reads one.
 "weight bound" is that ratio's ceiling where decoding is bound by weight reads (small batches of large models
