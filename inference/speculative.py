@@ -155,29 +155,7 @@ class MTPGenerator:
             logits, hidden = self._forward(cache, step_in, k + 1)
             stats.forwards += 1
             stats.sequence_steps += n_rows
-            if sample:
-                p = filtered_probs(logits, temperature, top_p)  # (rows, k + 1, V)
-                accept = torch.ones(n_rows, 0, dtype=torch.bool, device=device)
-                if k:
-                    idx = drafts.unsqueeze(-1)
-                    ratio = (p[:, :k].gather(-1, idx) / q.gather(-1, idx).clamp_min(1e-20)).squeeze(-1)
-                    u = torch.rand(n_rows, k, generator=gen, device=device)
-                    accept = u < ratio.clamp(max=1.0)
-            else:
-                greedy = logits.argmax(-1)  # (rows, k + 1)
-                accept = drafts == greedy[:, :k]
-            n_acc = accept.long().cumprod(dim=1).sum(dim=1) if k else torch.zeros_like(rows)
-            if sample:
-                final_p = p[rows, n_acc]  # head 1 at the position after the last accepted token
-                if k:
-                    rejected = n_acc < k
-                    q_rej = q[rows, n_acc.clamp(max=k - 1)]
-                    residual = (final_p - q_rej).clamp_min(0)
-                    residual = residual / residual.sum(-1, keepdim=True).clamp_min(1e-20)
-                    final_p = torch.where(rejected.unsqueeze(-1), residual, final_p)
-                new_pending = torch.multinomial(final_p, 1, generator=gen).squeeze(1)
-            else:
-                new_pending = greedy[rows, n_acc]
+            n_acc, new_pending = self._verify(logits, drafts, q, sample, temperature, top_p, gen)
             for b, a, drafted, tok in zip(alive, n_acc.tolist(), drafts.tolist(), new_pending.tolist()):
                 for j in range(k):  # draft j was judged only if drafts before it were accepted
                     stats.proposed[j] += int(j <= a)
@@ -191,6 +169,29 @@ class MTPGenerator:
             drafts, q = self._draft(hidden, rows, n_acc, k, sample, temperature, top_p, gen)
         stats.seconds = time.perf_counter() - t0
         return out, stats
+
+    def _verify(self, logits, drafts, q, sample, temperature, top_p, gen):
+        """Head 1's logits (rows, k + 1, V) at [pending, drafts] judge the drafts (rows, k), proposed with
+        distributions q (sampling). Returns each row's number of accepted drafts and the token after them."""
+        n_rows, k = drafts.shape
+        rows = torch.arange(n_rows, device=drafts.device)
+        if not sample:
+            greedy = logits.argmax(-1)  # (rows, k + 1)
+            n_acc = (drafts == greedy[:, :k]).long().cumprod(dim=1).sum(dim=1)
+            return n_acc, greedy[rows, n_acc]
+        p = filtered_probs(logits, temperature, top_p)  # (rows, k + 1, V)
+        if k == 0:
+            return torch.zeros_like(rows), torch.multinomial(p[:, 0], 1, generator=gen).squeeze(1)
+        idx = drafts.unsqueeze(-1)
+        ratio = (p[:, :k].gather(-1, idx) / q.gather(-1, idx).clamp_min(1e-20)).squeeze(-1)
+        u = torch.rand(n_rows, k, generator=gen, device=drafts.device)
+        n_acc = (u < ratio.clamp(max=1.0)).long().cumprod(dim=1).sum(dim=1)
+        # Head 1 at the position after the last accepted draft; after a rejection, the residual max(0, p - q).
+        final_p = p[rows, n_acc]
+        residual = (final_p - q[rows, n_acc.clamp(max=k - 1)]).clamp_min(0)
+        residual = residual / residual.sum(-1, keepdim=True).clamp_min(1e-20)
+        final_p = torch.where((n_acc < k).unsqueeze(-1), residual, final_p)
+        return n_acc, torch.multinomial(final_p, 1, generator=gen).squeeze(1)
 
     def _draft(self, hidden, rows, at, k, sample, temperature, top_p, gen):
         """Heads 2..k+1 at position `at` of each sequence propose the tokens after the pending one."""
