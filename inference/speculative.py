@@ -155,7 +155,7 @@ class MTPGenerator:
             logits, hidden = self._forward(cache, step_in, k + 1)
             stats.forwards += 1
             stats.sequence_steps += n_rows
-            n_acc, new_pending = self._verify(logits, drafts, q, sample, temperature, top_p, gen)
+            n_acc, new_pending = self._verify(logits, drafts, q, rows, sample, temperature, top_p, gen)
             for b, a, drafted, tok in zip(alive, n_acc.tolist(), drafts.tolist(), new_pending.tolist()):
                 for j in range(k):  # draft j was judged only if drafts before it were accepted
                     stats.proposed[j] += int(j <= a)
@@ -170,11 +170,11 @@ class MTPGenerator:
         stats.seconds = time.perf_counter() - t0
         return out, stats
 
-    def _verify(self, logits, drafts, q, sample, temperature, top_p, gen):
+    def _verify(self, logits, drafts, q, rows, sample, temperature, top_p, gen):
         """Head 1's logits (rows, k + 1, V) at [pending, drafts] judge the drafts (rows, k), proposed with
-        distributions q (sampling). Returns each row's number of accepted drafts and the token after them."""
+        distributions q (sampling); rows is arange(rows). Returns each row's number of accepted drafts and the
+        token after them."""
         n_rows, k = drafts.shape
-        rows = torch.arange(n_rows, device=drafts.device)
         if not sample:
             greedy = logits.argmax(-1)  # (rows, k + 1)
             n_acc = (drafts == greedy[:, :k]).long().cumprod(dim=1).sum(dim=1)

@@ -101,8 +101,8 @@ def attend(q, k, v, cache=None, attn_mask=None) -> torch.Tensor:
         # Decoding: fold the rep query heads of each key/value head into the query length, so the cache is read
         # in place rather than copied rep times at every step (and every SDPA backend, masked ones too, takes it).
         B, H, T, D = q.shape
-        out = F.scaled_dot_product_attention(q.reshape(B, H // rep, rep * T, D), k, v,
-                                             attn_mask=attn_mask.repeat(1, 1, rep, 1))
+        mask = attn_mask.repeat(1, 1, rep, 1) if rep > 1 else attn_mask
+        out = F.scaled_dot_product_attention(q.reshape(B, H // rep, rep * T, D), k, v, attn_mask=mask)
         return out.reshape(B, H, T, D)
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
