@@ -58,12 +58,38 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.flatten(-2).type_as(x)
 
 
-def linear(in_dim: int, out_dim: int, std: float) -> nn.Linear:
-    # Each module initialises its own weights when built, so construction under DeepSpeed's zero.Init
-    # (which partitions every submodule as soon as it exists) gives the same values as plain construction.
-    layer = nn.Linear(in_dim, out_dim, bias=False)
-    nn.init.normal_(layer.weight, 0.0, std)
-    return layer
+# Every weight is initialised inside the __init__ of the module that owns it (nn.Linear and nn.Embedding call
+# reset_parameters there). DeepSpeed's zero.Init partitions a module's parameters the moment its __init__
+# returns, so anything set afterwards, from outside, would be lost on a ZeRO-3 construction.
+
+
+class Linear(nn.Linear):
+    """Bias-free, weights drawn from N(0, std); rows from `zero_rows_from` on are zero (padded vocabulary)."""
+
+    def __init__(self, in_dim: int, out_dim: int, std: float, zero_rows_from: int | None = None):
+        self.std, self.zero_rows_from = std, zero_rows_from
+        super().__init__(in_dim, out_dim, bias=False)
+
+    def reset_parameters(self) -> None:
+        normal_init_(self.weight, self.std, self.zero_rows_from)
+
+
+class Embedding(nn.Embedding):
+    """Token embedding drawn from N(0, std); rows from `zero_rows_from` on are zero (padded vocabulary)."""
+
+    def __init__(self, num_embeddings: int, dim: int, std: float, zero_rows_from: int | None = None):
+        self.std, self.zero_rows_from = std, zero_rows_from
+        super().__init__(num_embeddings, dim)
+
+    def reset_parameters(self) -> None:
+        normal_init_(self.weight, self.std, self.zero_rows_from)
+
+
+def normal_init_(weight: torch.Tensor, std: float, zero_rows_from: int | None) -> None:
+    with torch.no_grad():
+        nn.init.normal_(weight, 0.0, std)
+        if zero_rows_from is not None:  # padded vocabulary rows are never used; zeros make exports round-trip
+            weight[zero_rows_from:].zero_()
 
 
 def residual_std(cfg: ModelConfig) -> float:
@@ -75,10 +101,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.head_dim  # head counts follow from the weights' shapes, which tensor parallelism splits
-        self.wq = linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
-        self.wk = linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
-        self.wv = linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
-        self.wo = linear(cfg.n_heads * cfg.head_dim, cfg.dim, residual_std(cfg))
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
+        self.wk = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wv = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, residual_std(cfg))
 
     def forward(self, x, rope, cache=None, attn_mask=None):
         """cache, when given, has `update(k, v) -> (k_all, v_all)` and then attn_mask must be given
@@ -116,9 +142,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w1 = linear(cfg.dim, cfg.ffn_hidden_dim, cfg.init_std)
-        self.w2 = linear(cfg.ffn_hidden_dim, cfg.dim, residual_std(cfg))
-        self.w3 = linear(cfg.dim, cfg.ffn_hidden_dim, cfg.init_std)
+        self.w1 = Linear(cfg.dim, cfg.ffn_hidden_dim, cfg.init_std)
+        self.w2 = Linear(cfg.ffn_hidden_dim, cfg.dim, residual_std(cfg))
+        self.w3 = Linear(cfg.dim, cfg.ffn_hidden_dim, cfg.init_std)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -158,15 +184,11 @@ class MTPTransformer(nn.Module):
         # (padded logits, targets, vocab_size, ignore_index) -> summed loss; tensor parallelism replaces it.
         self.loss_fn = cross_entropy_sum
         vocab = cfg.padded_vocab_size
-        self.tok_embeddings = nn.Embedding(vocab, cfg.dim)
-        nn.init.normal_(self.tok_embeddings.weight, 0.0, cfg.init_std)
+        self.tok_embeddings = Embedding(vocab, cfg.dim, cfg.init_std, zero_rows_from=cfg.vocab_size)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers - cfg.n_future_tokens + 1))
         self.extra_heads = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_future_tokens - 1))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = linear(cfg.dim, vocab, cfg.init_std)
-        with torch.no_grad():  # padded vocabulary rows are never used; zeros make exports round-trip exactly
-            self.tok_embeddings.weight[cfg.vocab_size:].zero_()
-            self.output.weight[cfg.vocab_size:].zero_()
+        self.output = Linear(cfg.dim, vocab, cfg.init_std, zero_rows_from=cfg.vocab_size)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file
+import torch
+from safetensors import safe_open
 
 from mtplm.model.weights import PARAMS_FILE, WEIGHTS_FILE, model_config_from_json
 
@@ -34,12 +35,9 @@ def load_initial_weights(model, path: str | Path) -> list[str]:
         raise ValueError(f"train.init_from: {path} has a different trunk or width:\n  " + "\n  ".join(diffs)
                          + "\n(to change n_future_tokens keep the trunk: n_layers - n_future_tokens must stay "
                            f"{src_cfg.n_trunk_layers})")
-    src = load_file(str(path / WEIGHTS_FILE))
-    if src_cfg.tie_embeddings and "output.weight" not in src:
-        src["output.weight"] = src["tok_embeddings.weight"]
     src_main, dst_main = src_cfg.n_layers - src_cfg.n_future_tokens + 1, cfg.n_layers - cfg.n_future_tokens + 1
-    notes, new_sd = [], {}
-    for name in model.state_dict():
+    notes, source = [], {}
+    for name, _ in model.named_parameters():
         src_name = name
         for k in range(cfg.n_future_tokens):
             prefix = _head_prefix(dst_main, k)
@@ -49,8 +47,31 @@ def load_initial_weights(model, path: str | Path) -> list[str]:
                 if src_k != k and name.endswith("attention_norm.weight"):
                     notes.append(f"head {k + 1} initialised from saved head 1")
                 break
-        new_sd[name] = src[src_name]
+        source[name] = src_name
     if src_cfg.n_future_tokens > cfg.n_future_tokens:
         notes.append(f"dropped saved heads {cfg.n_future_tokens + 1}..{src_cfg.n_future_tokens}")
-    model.load_state_dict(new_sd, strict=True)
+    _copy_parameters(model, path / WEIGHTS_FILE, source, src_cfg.tie_embeddings)
     return notes
+
+
+def _copy_parameters(model, weights_file: Path, source: dict[str, str], src_tied: bool) -> None:
+    """One tensor at a time, read lazily from the file: a ZeRO-3 partitioned parameter is gathered, set, and
+    partitioned again (GatheredParameters is a no-op on plain parameters), so no rank holds the whole model."""
+    import deepspeed
+
+    with safe_open(str(weights_file), framework="pt") as f:
+        saved = set(f.keys())
+        if src_tied and "output.weight" not in saved:  # a tied model's file holds the embedding only
+            source = {k: "tok_embeddings.weight" if v == "output.weight" else v for k, v in source.items()}
+        missing = sorted(set(source.values()) - saved)
+        if missing:
+            raise ValueError(f"train.init_from: {weights_file} lacks {', '.join(missing[:5])}"
+                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        for name, p in model.named_parameters():
+            value = f.get_tensor(source[name])
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            if shape != tuple(value.shape):
+                raise ValueError(f"train.init_from: {weights_file}: {source[name]} has shape {tuple(value.shape)}, "
+                                 f"this run's {name} {shape}")
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+                p.copy_(value)

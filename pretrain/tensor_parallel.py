@@ -175,29 +175,43 @@ def parallelize_unembedding(model, tp: TensorParallel, tied_weight: nn.Parameter
 
 
 def apply_tensor_parallel(model, tp: TensorParallel):
-    """Split an MTPTransformer in place across tp.world ranks; returns it. No-op for a world of one."""
+    """Split an MTPTransformer in place across tp.world ranks; returns it. No-op for a world of one.
+
+    A model built under ZeRO-3's zero.Init is gathered one module at a time, so a rank holds one module's full
+    weights and its shards of the others; the shards are plain tensors, which deepspeed.initialize partitions
+    over the data-parallel ranks like any parameter it was given whole."""
     if tp.world == 1:
         return model
+    import deepspeed
+
+    gathered = deepspeed.zero.GatheredParameters  # a no-op on parameters that are not partitioned
+
     for block in [*model.layers, *model.extra_heads]:
-        parallelize_block(block, tp)
-    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, tp)
-    parallelize_unembedding(model, tp, model.tok_embeddings.weight if model.cfg.tie_embeddings else None)
+        with gathered(list(block.parameters())):
+            parallelize_block(block, tp)
+    with gathered([model.tok_embeddings.weight]):
+        model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, tp)
+    with gathered([model.output.weight]):
+        parallelize_unembedding(model, tp, model.tok_embeddings.weight if model.cfg.tie_embeddings else None)
     return model
 
 
 def gather_full_state_dict(module: nn.Module, tp: TensorParallel, keep: bool = True) -> dict[str, torch.Tensor]:
-    """Collective over the tensor-parallel group: the module's state dict with every shard re-assembled
-    (on CPU); ranks with keep=False only take part and return {}. Under ZeRO-3, call inside
-    deepspeed.zero.GatheredParameters."""
+    """Collective over the tensor-parallel group (and, under ZeRO-3, the data-parallel group): the module's
+    state dict with every shard re-assembled (on CPU); ranks with keep=False only take part and return {}.
+    ZeRO-3 partitions are gathered one parameter at a time, so no rank holds the whole model on the device."""
+    import deepspeed
+
     out = {}
     for name, p in module.named_parameters(remove_duplicate=False):
-        t = p.detach()
-        if tp.world > 1 and getattr(p, "tensor_model_parallel", False):
-            parts = [torch.empty_like(t) for _ in range(tp.world)]
-            dist.all_gather(parts, t.contiguous(), group=tp.group)
-            t = torch.cat(parts, dim=p.partition_dim)
-        if keep:
-            out[name] = t.cpu().clone()
+        with deepspeed.zero.GatheredParameters([p]):
+            t = p.detach()
+            if tp.world > 1 and getattr(p, "tensor_model_parallel", False):
+                parts = [torch.empty_like(t) for _ in range(tp.world)]
+                dist.all_gather(parts, t.contiguous(), group=tp.group)
+                t = torch.cat(parts, dim=p.partition_dim)
+            if keep:
+                out[name] = t.cpu().clone()
     return out
 
 

@@ -12,18 +12,16 @@ import torch
 import torch.distributed as dist
 
 from mtplm.model.flops import count_params, flops_per_token
-from mtplm.model.transformer import MTPTransformer
 
-from .activation_checkpointing import apply_activation_checkpointing
+from .build_model import build_model, local_parameter_count
 from .checkpoint import StopSignal, load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistInfo, init_distributed
 from .ds_config import build_ds_config, precision, zero_stage
-from .init_from import load_initial_weights
 from .metrics_log import MetricsLogger
 from .parallel_layout import build_layout, check_world_size
 from .pipeline import build_pipeline_module, gather_pipeline_state_dict
-from .tensor_parallel import apply_tensor_parallel, gather_full_state_dict
+from .tensor_parallel import gather_full_state_dict
 
 # Dense bf16 peak of common accelerators, for MFU; override with train.peak_tflops.
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -61,7 +59,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 partitioned parameter's own tensor is empty
+        (decay if len(shape) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -93,12 +92,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.out_dir = Path(cfg.train.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        model = MTPTransformer(cfg.model, loss_impl=t.loss_impl, ce_chunk_tokens=t.ce_chunk_tokens or None)
-        if t.init_from:
-            load_initial_weights(model, t.init_from)
-        apply_tensor_parallel(model, self.layout.tensor)
-        if t.activation_checkpointing and not self.layout.pipeline:
-            apply_activation_checkpointing(model, t.activation_checkpoint_interval)
+        model, init_notes = build_model(cfg, ds_cfg, self.layout)
+        self.local_params, self.total_params = local_parameter_count(model)
         self.zero_stage, self.precision = zero_stage(ds_cfg), precision(ds_cfg)
         # DeepSpeed clips but keeps no gradient norm on this path, so the trainer takes it itself.
         self.own_grad_norm = self.zero_stage == 0 and self.precision == "fp32"
@@ -119,6 +114,8 @@ class Trainer:
             self._record_pipeline_grad_norm()
         self.logger = MetricsLogger(self.out_dir, self.dist.rank, t.steps, 0, t.metrics_file,
                                     getattr(self.engine, "monitor", None))
+        for note in init_notes:
+            self.logger.info(f"init_from {t.init_from}: {note}")
 
         self.step, self.consumed_samples = 0, 0
         resume_from = resolve_resume(t.resume, t.out_dir)
@@ -155,6 +152,9 @@ class Trainer:
             f"{self.precision}, micro-batch {self.cfg.train.micro_batch_size} x accumulation "
             f"{self.cfg.train.grad_accum_steps} x data-parallel {self.dp_world}, tensor-parallel "
             f"{self.layout.tensor.world}, pipeline {self.cfg.parallel.pipeline}, loss path {self.cfg.train.loss_impl}")
+        if self.zero_stage == 3:
+            self.logger.info(f"built under zero.Init: this rank held {self.local_params / 1e6:.2f}M of the model's "
+                             f"{self.total_params / 1e6:.2f}M parameters before deepspeed.initialize")
         if self.layout.pipeline:
             parts = self.engine.module.parts
             self.logger.info("pipeline stages (layer 0 embedding, last the heads): " + ", ".join(
@@ -282,18 +282,14 @@ class Trainer:
     def save_consolidated(self, folder: Path) -> Path:
         """Collective: full weights (gathered under ZeRO-3) written by rank 0 as a consolidated model folder,
         with the tokenizer beside it, for generation and export."""
-        import deepspeed
-
         from mtplm.model.weights import save_weights
 
         extra = {}
         if self.cfg.data.tokenizer and Path(self.cfg.data.tokenizer).is_file():
             extra["tokenizer.model"] = self.cfg.data.tokenizer
-        params = list(self.model.parameters())
-        with deepspeed.zero.GatheredParameters(params, enabled=self.zero_stage == 3):
-            # One replica's tensor rank 0 per stage keeps its stage's weights.
-            keep = self.layout.tensor.rank == 0 and self.layout.dp_rank == 0
-            state = gather_full_state_dict(self.model, self.layout.tensor, keep=keep)
+        # One replica's tensor rank 0 per stage keeps its stage's weights.
+        keep = self.layout.tensor.rank == 0 and self.layout.dp_rank == 0
+        state = gather_full_state_dict(self.model, self.layout.tensor, keep=keep)
         if self.layout.pipeline:
             grid = self.layout.grid
             if keep:

@@ -52,6 +52,11 @@ def train(tmp: Path, name: str, world: int, *args: str, sample_extra: int = 2) -
     return log["train"] + log["eval"], load_file(str(out / "final" / "model.safetensors"))
 
 
+def params_held(tmp: Path, name: str) -> tuple[int, int]:
+    """(parameter elements rank 0 held after building its model, elements of the model) in run `name`."""
+    return tuple(json.loads((tmp / name / "train_log.json").read_text())["params_held"])
+
+
 def reference_run(tmp: Path) -> tuple[list[dict], dict]:
     """Single process, naive loss, the global batch of every distributed run here (micro-batch 2 x 4)."""
     return train(tmp, "ref", 1, "--train.loss_impl", "naive", "--train.grad_accum_steps", "4")
@@ -64,7 +69,7 @@ def assert_matches(reference, got, tol=1e-5):
         assert b["loss"] == pytest.approx(a["loss"], rel=tol, abs=tol)
         assert b["head_losses"] == pytest.approx(a["head_losses"], rel=tol, abs=tol)
         if "grad_norm" in a:  # training records; the others are validation (every rank's validation batches
-            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)  # are the same samples)
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=max(1e-4, tol / 3))  # are the same samples)
     assert w.keys() == ref_w.keys()
     for k in ref_w:
         diff = (w[k] - ref_w[k]).abs().max().item()

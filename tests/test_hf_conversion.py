@@ -45,7 +45,9 @@ def test_export_matches_transformers_and_round_trips(tmp_path, shape):
     with torch.no_grad():
         assert (hf(x).logits - model(x).logits).abs().max() <= 1e-4
         ours = greedy(model, x, 8)
-        theirs = hf.generate(x, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        # An explicit mask: from pad_token_id alone, generate() would mask every prompt token equal to it.
+        theirs = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours, theirs)
     # HF -> ours -> HF is exact, heads included
     back = load_hf_export(tmp_path / "hf")

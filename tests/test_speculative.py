@@ -151,7 +151,7 @@ def test_rollback_after_rejections_equals_decoding_from_scratch(trained):
     torch.manual_seed(1)
     for head in bad.extra_heads:
         for p in head.parameters():
-            torch.nn.init.normal_(p, 0, 0.2)
+            torch.nn.init.normal_(p, 0, 1.0)  # noise that swamps the residual stream (0.2 still drafts well)
     gen = MTPGenerator(bad)
     prompts = random_prompts(torch.Generator().manual_seed(5), 4)
     out, stats = gen.generate(prompts, 30, draft_heads=3)

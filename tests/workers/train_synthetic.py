@@ -84,7 +84,8 @@ def main():
     result = trainer.train()
     if info.rank == 0:
         Path(cfg.train.out_dir, "train_log.json").write_text(json.dumps(
-            {"train": result.train_log, "eval": result.eval_log, "step": result.step}))
+            {"train": result.train_log, "eval": result.eval_log, "step": result.step,
+             "params_held": [trainer.local_params, trainer.total_params]}))
     dist.barrier()
 
 

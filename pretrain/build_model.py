@@ -1,0 +1,55 @@
+"""Build the model a rank trains: construction, initial weights, tensor parallelism, activation checkpointing.
+
+Under ZeRO-3 the model is constructed inside DeepSpeed's `zero.Init`, as Megatron-DeepSpeed and Hugging Face do:
+every module's parameters are broadcast from data-parallel rank 0 and cut into per-rank partitions as soon as
+the module exists, so a rank never holds more than one module's full weights plus its own 1/dp share, instead
+of the whole fp32 model (28 GB for a 7B model, on every rank of a node at once). With `offload_param` in the
+DeepSpeed config the partitions go straight to CPU memory. The model's own code initialises each weight inside
+the module that owns it, so the values are those of a plain construction with the same seed.
+
+Everything done to the weights afterwards (loading `train.init_from`, cutting tensor-parallel shards) works one
+module or one parameter at a time inside `zero.GatheredParameters`, which is a no-op on plain parameters, so
+the same code serves every ZeRO stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import deepspeed
+
+from mtplm.model.transformer import MTPTransformer
+
+from .activation_checkpointing import apply_activation_checkpointing
+from .config import TrainConfig
+from .ds_config import zero_stage
+from .init_from import load_initial_weights
+from .parallel_layout import ParallelLayout
+from .tensor_parallel import apply_tensor_parallel
+
+
+def construction_context(ds_cfg: dict, layout: ParallelLayout):
+    """zero.Init for ZeRO-3 (partitioned over the data-parallel group that the engine will use), else nothing."""
+    if zero_stage(ds_cfg) != 3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.Init(config_dict_or_path=ds_cfg, data_parallel_group=layout.dp_group, mpu=layout.grid)
+
+
+def build_model(cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout) -> tuple[MTPTransformer, list[str]]:
+    """The rank's model, before deepspeed.initialize (and before the pipeline layout takes its modules);
+    returns it and notes on how init_from's weights were adapted. Collective under ZeRO-3."""
+    t = cfg.train
+    with construction_context(ds_cfg, layout):
+        model = MTPTransformer(cfg.model, loss_impl=t.loss_impl, ce_chunk_tokens=t.ce_chunk_tokens or None)
+    notes = load_initial_weights(model, t.init_from) if t.init_from else []
+    apply_tensor_parallel(model, layout.tensor)
+    if t.activation_checkpointing and not layout.pipeline:
+        apply_activation_checkpointing(model, t.activation_checkpoint_interval)
+    return model, notes
+
+
+def local_parameter_count(model) -> tuple[int, int]:
+    """(elements this rank stores, elements of the model): the two differ once ZeRO-3 has partitioned it."""
+    params = {id(p): p for p in model.parameters()}.values()
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    return local, sum(getattr(p, "ds_numel", p.numel()) for p in params)
