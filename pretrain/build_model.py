@@ -2,14 +2,16 @@
 
 Under ZeRO-3 the model is constructed inside DeepSpeed's `zero.Init`, as Megatron-DeepSpeed and Hugging Face do:
 every module's parameters are broadcast from data-parallel rank 0 and cut into per-rank partitions as soon as
-the module exists, so a rank never holds more than one module's full weights plus its own 1/dp share, instead
+the module exists, so a rank never holds more than one module's full weights besides its own 1/dp share, instead
 of the whole fp32 model (28 GB for a 7B model, on every rank of a node at once). With `offload_param` in the
-DeepSpeed config the partitions go straight to CPU memory. The model's own code initialises each weight inside
-the module that owns it, so the values are those of a plain construction with the same seed.
+DeepSpeed config the partitions go straight to CPU memory. The model initialises each weight inside the module
+that owns it, so zero.Init keeps the initial values. zero.Init creates them in the training dtype on the
+accelerator, though: in bf16/fp16 or on a GPU a ZeRO-3 run starts from other draws of the same distributions
+than a ZeRO-0/1/2 run with the same seed (fp32 on a CPU gives the same values, which the tests compare).
 
-Everything done to the weights afterwards (loading `train.init_from`, cutting tensor-parallel shards) works one
-module or one parameter at a time inside `zero.GatheredParameters`, which is a no-op on plain parameters, so
-the same code serves every ZeRO stage.
+Everything done to the weights afterwards (loading `train.init_from`, cutting tensor-parallel shards, which are
+partitioned as soon as they are cut) works one module or one parameter at a time inside
+`zero.GatheredParameters`, which is a no-op on plain parameters, so the same code serves every ZeRO stage.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def build_model(cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout) -> tuple
 
 
 def local_parameter_count(model) -> tuple[int, int]:
-    """(elements this rank stores, elements of the model): the two differ once ZeRO-3 has partitioned it."""
+    """(elements this rank stores, elements of the model or of this rank's tensor-parallel shard of it): the two
+    differ once ZeRO-3 has partitioned it."""
     params = {id(p): p for p in model.parameters()}.values()
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
     return local, sum(getattr(p, "ds_numel", p.numel()) for p in params)

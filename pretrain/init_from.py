@@ -35,6 +35,9 @@ def load_initial_weights(model, path: str | Path) -> list[str]:
         raise ValueError(f"train.init_from: {path} has a different trunk or width:\n  " + "\n  ".join(diffs)
                          + "\n(to change n_future_tokens keep the trunk: n_layers - n_future_tokens must stay "
                            f"{src_cfg.n_trunk_layers})")
+    if src_cfg.tie_embeddings != cfg.tie_embeddings:  # which of two matrices one tied weight starts from is no default
+        raise ValueError(f"train.init_from: {path} has tie_embeddings {src_cfg.tie_embeddings}, this run "
+                         f"{cfg.tie_embeddings} (set model.tie_embeddings to match)")
     src_main, dst_main = src_cfg.n_layers - src_cfg.n_future_tokens + 1, cfg.n_layers - cfg.n_future_tokens + 1
     notes, source = [], {}
     for name, _ in model.named_parameters():
@@ -50,28 +53,31 @@ def load_initial_weights(model, path: str | Path) -> list[str]:
         source[name] = src_name
     if src_cfg.n_future_tokens > cfg.n_future_tokens:
         notes.append(f"dropped saved heads {cfg.n_future_tokens + 1}..{src_cfg.n_future_tokens}")
-    _copy_parameters(model, path / WEIGHTS_FILE, source, src_cfg.tie_embeddings)
+    _copy_parameters(model, path / WEIGHTS_FILE, source, cfg.tie_embeddings)
     return notes
 
 
-def _copy_parameters(model, weights_file: Path, source: dict[str, str], src_tied: bool) -> None:
-    """One tensor at a time, read lazily from the file: a ZeRO-3 partitioned parameter is gathered, set, and
-    partitioned again (GatheredParameters is a no-op on plain parameters), so no rank holds the whole model."""
+def _copy_parameters(model, weights_file: Path, source: dict[str, str], tied: bool) -> None:
+    """One tensor at a time, read lazily from the file: a ZeRO-3 partitioned parameter is gathered, set on
+    data-parallel rank 0 (the only rank that reads it), broadcast and partitioned again; GatheredParameters is a
+    no-op on plain parameters, which every rank sets."""
     import deepspeed
+    import torch.distributed as dist
 
     with safe_open(str(weights_file), framework="pt") as f:
         saved = set(f.keys())
-        if src_tied and "output.weight" not in saved:  # a tied model's file holds the embedding only
+        if tied and "output.weight" not in saved:  # a tied model's file holds the embedding only
             source = {k: "tok_embeddings.weight" if v == "output.weight" else v for k, v in source.items()}
         missing = sorted(set(source.values()) - saved)
         if missing:
             raise ValueError(f"train.init_from: {weights_file} lacks {', '.join(missing[:5])}"
                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
         for name, p in model.named_parameters():
-            value = f.get_tensor(source[name])
-            shape = tuple(getattr(p, "ds_shape", p.shape))
-            if shape != tuple(value.shape):
-                raise ValueError(f"train.init_from: {weights_file}: {source[name]} has shape {tuple(value.shape)}, "
+            saved_shape, shape = tuple(f.get_slice(source[name]).get_shape()), tuple(getattr(p, "ds_shape", p.shape))
+            if shape != saved_shape:
+                raise ValueError(f"train.init_from: {weights_file}: {source[name]} has shape {saved_shape}, "
                                  f"this run's {name} {shape}")
+            reads = not hasattr(p, "ds_id") or dist.get_rank(group=p.ds_process_group) == 0
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
-                p.copy_(value)
+                if reads:
+                    p.copy_(f.get_tensor(source[name]))

@@ -177,22 +177,32 @@ def parallelize_unembedding(model, tp: TensorParallel, tied_weight: nn.Parameter
 def apply_tensor_parallel(model, tp: TensorParallel):
     """Split an MTPTransformer in place across tp.world ranks; returns it. No-op for a world of one.
 
-    A model built under ZeRO-3's zero.Init is gathered one module at a time, so a rank holds one module's full
-    weights and its shards of the others; the shards are plain tensors, which deepspeed.initialize partitions
-    over the data-parallel ranks like any parameter it was given whole."""
+    A model built under ZeRO-3's zero.Init is cut one module at a time: the module's weights are gathered, cut,
+    and the new shards partitioned over the data-parallel ranks at once, so a rank never holds more than one
+    module's full weights besides its partitions."""
     if tp.world == 1:
         return model
     import deepspeed
 
     gathered = deepspeed.zero.GatheredParameters  # a no-op on parameters that are not partitioned
+    zero_param = model.norm.weight if hasattr(model.norm.weight, "ds_id") else None  # replicated: never replaced
+
+    def partition_new_shards(module):
+        # What deepspeed.initialize would do to them later, done now: any partitioned parameter converts others.
+        if zero_param is not None:
+            zero_param.convert_to_zero_parameters(param_list=[p for p in module.parameters() if not hasattr(p, "ds_id")])
 
     for block in [*model.layers, *model.extra_heads]:
         with gathered(list(block.parameters())):
             parallelize_block(block, tp)
+        partition_new_shards(block)
     with gathered([model.tok_embeddings.weight]):
         model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, tp)
-    with gathered([model.output.weight]):
-        parallelize_unembedding(model, tp, model.tok_embeddings.weight if model.cfg.tie_embeddings else None)
+    partition_new_shards(model.tok_embeddings)
+    tied = model.tok_embeddings.weight if model.cfg.tie_embeddings else None
+    with gathered([] if tied is not None else [model.output.weight]):  # tied: the old embedding, dropped unread
+        parallelize_unembedding(model, tp, tied)
+    partition_new_shards(model.output)
     return model
 
 

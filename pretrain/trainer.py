@@ -153,8 +153,10 @@ class Trainer:
             f"{self.cfg.train.grad_accum_steps} x data-parallel {self.dp_world}, tensor-parallel "
             f"{self.layout.tensor.world}, pipeline {self.cfg.parallel.pipeline}, loss path {self.cfg.train.loss_impl}")
         if self.zero_stage == 3:
-            self.logger.info(f"built under zero.Init: this rank held {self.local_params / 1e6:.2f}M of the model's "
-                             f"{self.total_params / 1e6:.2f}M parameters before deepspeed.initialize")
+            tp = self.layout.tensor.world
+            shard = "the model" if tp == 1 else f"its 1/{tp} tensor-parallel shard of the model"
+            self.logger.info(f"built under zero.Init: this rank keeps {self.local_params / 1e6:.2f}M of the "
+                             f"{self.total_params / 1e6:.2f}M parameters of {shard}")
         if self.layout.pipeline:
             parts = self.engine.module.parts
             self.logger.info("pipeline stages (layer 0 embedding, last the heads): " + ", ".join(

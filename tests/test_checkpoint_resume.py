@@ -10,8 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tiny_model_config
 from dist_launch import REPO, run_ranks
+from mtplm.model.transformer import MTPTransformer
+from mtplm.model.weights import save_model
 from mtplm.pretrain.checkpoint import COMPLETE, LATEST, resolve_resume
+from mtplm.pretrain.init_from import load_initial_weights
 
 TINY = {
     "model": {"dim": 64, "n_layers": 5, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 200, "multiple_of": 16,
@@ -128,6 +132,12 @@ def test_init_from_changes_the_number_of_heads(tmp_path):
     for k in ("layers.0.attention.wq.weight", "tok_embeddings.weight", "output.weight"):
         assert torch.allclose(a[k], b[k], atol=1e-6)
     assert torch.allclose(a["layers.1.feed_forward.w1.weight"], b["layers.1.feed_forward.w1.weight"], atol=1e-6)
+
+
+def test_init_from_refuses_a_different_tying(tmp_path):
+    save_model(MTPTransformer(tiny_model_config()), tmp_path / "untied")
+    with pytest.raises(ValueError, match="has tie_embeddings False, this run True"):
+        load_initial_weights(MTPTransformer(tiny_model_config(tie_embeddings=True)), tmp_path / "untied")
 
 
 def test_incomplete_checkpoint_is_never_resumed(tmp_path):

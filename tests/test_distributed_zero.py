@@ -81,5 +81,5 @@ def test_bf16_sequential_matches_bf16_naive(tmp_path, stage):
     naive = train(tmp_path, "bf16_naive", 2, "--deepspeed_config", ds, "--train.loss_impl", "naive")
     seq = train(tmp_path, "bf16_seq", 2, "--deepspeed_config", ds)
     # bf16 rounds each head's contribution separately; Adam's first steps amplify that to about lr/10, and
-    # gradient norms differ by up to 1.7e-4 (relative) under ZeRO-0 to 3.
+    # gradient norms differ by up to 1.7e-4 (relative) under ZeRO-0 to 3; assert_matches allows tol / 3 = 1e-3.
     assert_matches(naive, seq, tol=3e-3)

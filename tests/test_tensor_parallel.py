@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dist_launch import REPO
-from dist_training import TINY, assert_matches, ds_json, tiny_with, train
+from dist_training import TINY, assert_matches, ds_json, params_held, tiny_with, train
 from mtplm.pretrain.config import ConfigError, TrainConfig, from_dict
 from mtplm.pretrain.consolidate import consolidated_state_dict
 from mtplm.pretrain.parallel_layout import check_world_size
@@ -35,6 +35,9 @@ def test_tp2_dp2_matches_single_process(tmp_path, reference, stage):
     got = train(tmp_path, f"tp2dp2z{stage}", 4, "--parallel.tensor", "2",
                 "--deepspeed_config", str(ds_json(tmp_path, f"zero{stage}.json")))
     assert_matches(reference, got)
+    held, shard = params_held(tmp_path, f"tp2dp2z{stage}")  # rank 0's tensor shard, and what it keeps of it
+    if stage == 3:  # shards are partitioned over the data-parallel pair as soon as they are cut
+        assert held == pytest.approx(shard / 2, rel=0.01)
     # The last checkpoint's tensor and ZeRO shards, consolidated offline, are the gathered final model.
     state, _, _ = consolidated_state_dict(tmp_path / f"tp2dp2z{stage}" / "checkpoints")
     final = got[1]
@@ -44,10 +47,14 @@ def test_tp2_dp2_matches_single_process(tmp_path, reference, stage):
 
 
 @distributed
-def test_tp2_tied_embeddings_matches_single_process(tmp_path):
+@pytest.mark.parametrize("dp, stage", [(1, 1), (2, 3)], ids=["tp2-zero1", "tp2-dp2-zero3"])
+def test_tp2_tied_embeddings_matches_single_process(tmp_path, dp, stage):
+    """Under ZeRO-3 the vocabulary shards are cut from the embedding zero.Init partitioned, and the output
+    shares them."""
     tied = ["--model.tie_embeddings", "true"]
     ref = train(tmp_path, "ref_tied", 1, "--train.loss_impl", "naive", "--train.grad_accum_steps", "4", *tied)
-    got = train(tmp_path, "tp2_tied", 2, "--parallel.tensor", "2", "--train.grad_accum_steps", "4", *tied)
+    got = train(tmp_path, "tp2_tied", 2 * dp, "--parallel.tensor", "2", "--train.grad_accum_steps", str(4 // dp),
+                "--deepspeed_config", str(ds_json(tmp_path, f"zero{stage}.json")), *tied)
     assert_matches(ref, got)
 
 
