@@ -43,7 +43,7 @@ def rank_main(args) -> dict:
     import torch
 
     from mtplm.model.transformer import MTPTransformer
-    from mtplm.pretrain.build_model import build_model
+    from mtplm.pretrain.build_model import build_model, local_parameter_count
     from mtplm.pretrain.config import TrainConfig, load_config
     from mtplm.pretrain.ds_config import build_ds_config
     from mtplm.pretrain.parallel_layout import build_layout
@@ -61,11 +61,10 @@ def rank_main(args) -> dict:
     else:
         model = MTPTransformer(cfg.model)
     built, built_gpu = peak_rss_bytes() - base, _gpu_peak()
-    held = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() if hasattr(p, "ds_tensor")
-               else p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    held, n_params = local_parameter_count(model)
+    held *= next(model.parameters()).element_size()  # one dtype for all: ZeRO-3's or the default fp32
     deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg,
                          dist_init_required=False)
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values())
     return {"rank": info.rank, "params": n_params, "held": held, "built": built, "started": peak_rss_bytes() - base,
             "built_gpu": built_gpu, "started_gpu": _gpu_peak()}
 
