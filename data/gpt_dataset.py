@@ -27,9 +27,11 @@ SPLITS = ("train", "valid", "test")
 class ShardedDocuments:
     """Many .idx/.bin shards seen as one list of documents."""
 
-    def __init__(self, prefixes: list[Path]):
+    def __init__(self, prefixes: list[Path], shards: list[IndexedDataset] | None = None):
         self.prefixes = [Path(p) for p in prefixes]
-        self.shards = [IndexedDataset(p) for p in self.prefixes]
+        if not self.prefixes:
+            raise ValueError("no shards: a dataset needs at least one .idx/.bin pair")
+        self.shards = shards if shards is not None else [IndexedDataset(p) for p in self.prefixes]
         self.lengths = np.concatenate([s.document_lengths() for s in self.shards]).astype(np.int64)
         self.offsets = np.concatenate([s.document_offsets() for s in self.shards]).astype(np.int64)
         self.shard_of = np.concatenate([np.full(len(s.doc_indices) - 1, i, np.int32)

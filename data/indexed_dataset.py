@@ -108,11 +108,15 @@ class IndexedDataset:
         for p in (ip, bp):
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: missing (a dataset is a .idx/.bin pair with a common prefix)")
+        idx_size = ip.stat().st_size
         with open(ip, "rb") as f:
             header = f.read(_HEADER)
-        if len(header) < _HEADER or header[: len(MAGIC)] != MAGIC:
+        if header[: len(MAGIC)] != MAGIC[: len(header)]:
             raise DatasetFormatError(f"{ip}: not an indexed dataset index (expected magic {MAGIC!r}, "
                                      f"got {header[:len(MAGIC)]!r})")
+        if len(header) < _HEADER:  # a short file that starts like an index: cut off, not foreign
+            raise DatasetFormatError(f"{ip}: truncated header: the file has {idx_size} bytes, an index header "
+                                     f"has {_HEADER}")
         pos = len(MAGIC)
         (version,) = struct.unpack_from("<Q", header, pos)
         if version != VERSION:
@@ -123,24 +127,48 @@ class IndexedDataset:
         self.dtype = np.dtype(DTYPES[code])
         n_seq, n_doc_idx = struct.unpack_from("<QQ", header, pos + 9)
         expected = _HEADER + n_seq * (4 + 8) + n_doc_idx * 8
-        actual = ip.stat().st_size
-        if actual < expected:
-            raise DatasetFormatError(f"{ip}: truncated index: {actual} bytes, header promises at least {expected}")
+        # Megatron's multimodal indices append one int8 mode per sequence; nothing else may follow.
+        if idx_size not in (expected, expected + n_seq):
+            what = "truncated index" if idx_size < expected else "index longer than its header says"
+            raise DatasetFormatError(f"{ip}: {what}: {idx_size} bytes, but a header of {n_seq} sequences and "
+                                     f"{n_doc_idx} document indices needs {expected}")
         idx = np.memmap(ip, mode="r", dtype=np.uint8)
         self.lengths = np.frombuffer(idx, dtype=np.int32, count=n_seq, offset=_HEADER)
         self.pointers = np.frombuffer(idx, dtype=np.int64, count=n_seq, offset=_HEADER + 4 * n_seq)
         self.doc_indices = np.frombuffer(idx, dtype=np.int64, count=n_doc_idx, offset=_HEADER + 12 * n_seq)
-        n_tokens = int(self.lengths.sum(dtype=np.int64))
-        bin_size = bp.stat().st_size
-        if bin_size != n_tokens * self.dtype.itemsize:
-            raise DatasetFormatError(f"{bp}: {bin_size} bytes, but {ip} describes {n_tokens} tokens of "
-                                     f"{self.dtype} ({n_tokens * self.dtype.itemsize} bytes)")
+        n_tokens = self._check_index(ip, bp, n_seq)
         self.tokens = np.memmap(bp, mode="r", dtype=self.dtype) if n_tokens else np.zeros(0, self.dtype)
         mm = getattr(self.tokens, "_mmap", None)
         if mm is not None and hasattr(mmap, "MADV_RANDOM"):
             # Samples are read at random offsets: kernel read-ahead would only fill memory with unused pages.
             mm.madvise(mmap.MADV_RANDOM)
         self.n_tokens = n_tokens
+
+    def _check_index(self, ip: Path, bp: Path, n_seq: int) -> int:
+        """Every reader trusts lengths, pointers and document indices; a damaged index must fail here, once,
+        vectorised, never later as an out-of-bounds read or a silently different document."""
+        if (self.lengths < 0).any():
+            k = int(np.argmax(self.lengths < 0))
+            raise DatasetFormatError(f"{ip}: sequence {k} has negative length {int(self.lengths[k])}")
+        ends = np.cumsum(self.lengths, dtype=np.int64) * self.dtype.itemsize
+        starts = np.concatenate([np.zeros(1, np.int64), ends[:-1]])
+        bad = np.flatnonzero(self.pointers != starts)
+        if len(bad):  # every writer (Megatron's, GPT-NeoX's, ours) lays sequences back to back
+            k = int(bad[0])
+            raise DatasetFormatError(f"{ip}: sequence {k} points to byte {int(self.pointers[k])}, but the "
+                                     f"lengths before it end at byte {int(starts[k])}")
+        d = self.doc_indices
+        if len(d) == 0 or d[0] != 0 or d[-1] != n_seq or (np.diff(d) < 0).any():
+            got = f"{len(d)} values" + (f" from {d[0]} to {d[-1]}" if len(d) else "")
+            raise DatasetFormatError(f"{ip}: document indices must rise from 0 to the sequence count {n_seq} "
+                                     f"without going back; got {got}")
+        n_bytes = int(ends[-1]) if n_seq else 0
+        bin_size = bp.stat().st_size
+        if bin_size != n_bytes:
+            n_tokens = n_bytes // self.dtype.itemsize
+            raise DatasetFormatError(f"{bp}: {bin_size} bytes, but {ip} describes {n_tokens} tokens of "
+                                     f"{self.dtype} ({n_bytes} bytes)")
+        return n_bytes // self.dtype.itemsize
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -151,8 +179,9 @@ class IndexedDataset:
         return np.diff(seq_cum[self.doc_indices])
 
     def document_offsets(self) -> np.ndarray:
-        """Token offset of each document's first token in .bin."""
-        return self.pointers[self.doc_indices[:-1]] // self.dtype.itemsize if len(self.lengths) else np.zeros(0, np.int64)
+        """Token offset of each document's first token in .bin (an empty last document starts at the end)."""
+        seq_cum = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
+        return seq_cum[self.doc_indices[:-1]]
 
     def get(self, seq: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         start = int(self.pointers[seq]) // self.dtype.itemsize + offset

@@ -13,24 +13,34 @@ from pathlib import Path
 
 import numpy as np
 
-from .indexed_dataset import IndexedDataset, bin_path, idx_path, write_index
-from .manifest import TOOL_VERSION, resolve_shards, write_json_atomic
+from .indexed_dataset import bin_path, idx_path, write_index
+from .manifest import TOOL_VERSION, write_json_atomic
 from .tokenizer import load_tokenizer
+from .verify import open_dataset, shard_id_bounds
 
 
-def inspect(spec: str, decode: int, tokenizer: str | None) -> None:
-    prefixes, manifest = resolve_shards(spec)
-    shards = [IndexedDataset(p) for p in prefixes]
-    n_docs = sum(len(s.doc_indices) - 1 for s in shards)
-    n_tok = sum(s.n_tokens for s in shards)
-    print(f"dataset {spec}: {len(shards)} shard(s), {n_docs} documents, {n_tok} tokens, dtype {shards[0].dtype}")
+def inspect(spec: str, decode: int, tokenizer: str | None, vocab_size: int | None = None) -> None:
+    ds = open_dataset(spec)
+    shards, manifest = ds.shards, ds.manifest
+    print(f"dataset {spec}: {len(shards)} shard(s), {ds.n_documents} documents, {ds.n_tokens} tokens, "
+          f"dtype {shards[0].dtype}")
     if manifest:
         for key in ("tokenizer", "tokenizer_sha256", "vocab_size", "eod_id", "max_token_id", "tool_version"):
             if key in manifest:
                 print(f"  {key}: {manifest[key]}")
-    lengths = np.concatenate([s.document_lengths() for s in shards]) if shards else np.zeros(0)
-    if len(lengths):
-        print(f"  document length: mean {lengths.mean():.0f}, median {np.median(lengths):.0f}, max {lengths.max()}")
+    lengths = np.concatenate([s.document_lengths() for s in shards])
+    print(f"  document length: mean {lengths.mean():.0f}, median {np.median(lengths):.0f}, max {lengths.max()}")
+    if all(s.dtype.kind != "f" for s in shards):
+        bounds = shard_id_bounds(ds)
+        where, _, hi = max(bounds, key=lambda b: b[2])
+        print(f"  token ids: {min(b[1] for b in bounds)} to {hi}")
+        vocab, source = (vocab_size, "--vocab-size") if vocab_size else ((manifest or {}).get("vocab_size"),
+                                                                          ds.manifest_file)
+        if vocab is not None and hi >= vocab:
+            raise ValueError(f"{where}: holds token id {hi}, but the vocab_size is {vocab} ({source}); "
+                             f"a model of that size cannot embed it")
+        if min(b[1] for b in bounds) < 0:
+            raise ValueError(f"{min(bounds, key=lambda b: b[1])[0]}: holds negative token ids")
     tok_spec = tokenizer or (manifest or {}).get("tokenizer")
     if decode and tok_spec:
         tok = load_tokenizer(tok_spec)
@@ -49,13 +59,10 @@ def inspect(spec: str, decode: int, tokenizer: str | None) -> None:
 
 def merge(out: str, specs: list[str]) -> Path:
     """Concatenate every shard of the given datasets into one .idx/.bin pair (out is a prefix)."""
-    prefixes, manifests = [], []
-    for spec in specs:
-        p, m = resolve_shards(spec)
-        prefixes += p
-        if m:
-            manifests.append(m)
-    shards = [IndexedDataset(p) for p in prefixes]
+    opened = [open_dataset(spec) for spec in specs]
+    prefixes = [p for d in opened for p in d.prefixes]
+    manifests = [d.manifest for d in opened if d.manifest]
+    shards = [s for d in opened for s in d.shards]
     dtypes = {s.dtype for s in shards}
     if len(dtypes) != 1:
         raise ValueError(f"cannot merge shards of different dtypes: {sorted(map(str, dtypes))}")
@@ -82,7 +89,7 @@ def merge(out: str, specs: list[str]) -> Path:
     merged = {k: manifests[0][k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size", "eod_id", "dtype")
               if manifests and k in manifests[0]}
     merged.update(documents=len(doc_idx) - 1, tokens=int(sum(s.n_tokens for s in shards)),
-                  max_token_id=max((m.get("max_token_id", -1) for m in manifests), default=None),
+                  max_token_id=max(hi for d in opened for _, _, hi in shard_id_bounds(d)),
                   inputs=[str(p) for p in prefixes], tool_version=TOOL_VERSION)
     write_json_atomic(Path(f"{out_prefix}.json"), merged)
     return out_prefix
@@ -96,13 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dataset")
     p.add_argument("--decode", type=int, default=2)
     p.add_argument("--tokenizer")
+    p.add_argument("--vocab-size", type=int, help="check token ids against a model's vocabulary "
+                                                  "(default: the manifest's vocab_size)")
     m = sub.add_parser("merge", help="merge datasets or shards into one .idx/.bin pair")
     m.add_argument("output", help="output prefix (writes OUTPUT.idx, OUTPUT.bin, OUTPUT.json)")
     m.add_argument("datasets", nargs="+")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "inspect":
-            inspect(args.dataset, args.decode, args.tokenizer)
+            inspect(args.dataset, args.decode, args.tokenizer, args.vocab_size)
         else:
             print(f"wrote {merge(args.output, args.datasets)}")
     except (FileNotFoundError, ValueError) as e:

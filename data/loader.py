@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from .config import DataConfig
 from .gpt_dataset import GPTSampleDataset, ShardedDocuments, split_documents
-from .manifest import check_manifest, read_manifest, resolve_shards, shard_manifest_path
+from .manifest import check_manifest, read_manifest, shard_manifest_path
+from .verify import check_token_ids, open_dataset
 
 BLOCK = 1 << 16
 
@@ -102,16 +103,19 @@ def build_datasets(cfg: DataConfig, n_future_tokens: int, vocab_size: int, token
                    split: str):
     parts, weights = [], []
     for k, spec in enumerate(cfg.datasets):
-        prefixes, manifest = resolve_shards(spec)
+        opened = open_dataset(spec)
+        prefixes, manifest = opened.prefixes, opened.manifest
         check_manifest(manifest, str(spec), vocab_size, tokenizer_sha256)
         for p in prefixes:  # per-shard manifests record each shard's max id
             if shard_manifest_path(p).is_file():
                 check_manifest(read_manifest(shard_manifest_path(p)), str(shard_manifest_path(p)), vocab_size,
                                tokenizer_sha256)
-        docs = ShardedDocuments(prefixes)
+        check_token_ids(opened, vocab_size, Path(cfg.cache_dir) if cfg.cache_dir else None)
+        docs = ShardedDocuments(prefixes, opened.shards)
         ids = split_documents(len(docs), cfg.split, cfg.seed)[split]
-        if len(ids) == 0:
-            continue
+        if len(ids) == 0:  # dropping it would silently change the blend
+            raise ValueError(f"dataset {spec}: its {split} split is empty (data.split {cfg.split} of its "
+                             f"{len(docs)} documents); give that split a larger ratio, or 0")
         cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(prefixes[0]).parent / "index_cache"
         name = f"{Path(spec).name}-{split}"
         parts.append(GPTSampleDataset(docs, ids, cfg.seq_len, n_future_tokens, cfg.seed, cache, name,

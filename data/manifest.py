@@ -17,11 +17,39 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(path: Path) -> dict:
+# Fields the readers rely on, with the types they must have (None allowed unless listed in _REQUIRED).
+_FIELDS = {"shards": list, "tokenizer": str, "tokenizer_sha256": str, "vocab_size": int, "eod_id": int,
+           "dtype": str, "documents": int, "tokens": int, "max_token_id": int}
+_REQUIRED = {"shards"}
+
+
+def read_manifest(path: Path, dataset: bool = False) -> dict:
+    """A manifest, checked for the fields the readers use, so damage is one line here and not a KeyError later."""
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    for key, tp in _FIELDS.items():
+        if key == "shards" and not dataset:
+            continue
+        value = data.get(key)
+        if value is None:
+            if key in _REQUIRED:
+                raise ValueError(f"{path}: missing field {key!r}")
+            continue
+        low = -1 if key == "max_token_id" else 0  # -1: no tokens at all
+        if not isinstance(value, tp) or isinstance(value, bool) or (tp is int and value < low):
+            raise ValueError(f"{path}: field {key!r} must be {'a list' if tp is list else tp.__name__}"
+                             f"{f' >= {low}' if tp is int else ''}, got {value!r}")
+    if dataset:
+        shards = data["shards"]
+        if not all(isinstance(s, str) and s for s in shards):
+            raise ValueError(f"{path}: field 'shards' must list shard names, got {shards!r}")
+        if len(set(shards)) != len(shards):
+            raise ValueError(f"{path}: field 'shards' names a shard twice: {shards!r}")
+    return data
 
 
 def shard_manifest_path(prefix: Path) -> Path:
@@ -35,9 +63,14 @@ def resolve_shards(spec: str | Path) -> tuple[list[Path], dict | None]:
     if spec.is_dir():
         manifest_file = spec / DATASET_MANIFEST
         if not manifest_file.is_file():
+            pairs = sorted(p.name[:-4] for p in spec.glob("*.idx") if p.with_suffix(".bin").is_file())
+            if pairs and not any(shard_manifest_path(spec / p).is_file() for p in pairs):
+                raise FileNotFoundError(
+                    f"{spec}: a folder without {DATASET_MANIFEST}; name a Megatron .idx/.bin pair by its prefix "
+                    f"instead (e.g. {spec / pairs[0]}); this folder holds the prefixes: {', '.join(pairs)}")
             raise FileNotFoundError(f"{spec}: a dataset folder needs {DATASET_MANIFEST} (written when mtp-preprocess "
                                     f"finishes; an interrupted run must be re-run to complete it)")
-        manifest = read_manifest(manifest_file)
+        manifest = read_manifest(manifest_file, dataset=True)
         return [spec / s for s in manifest["shards"]], manifest
     if not Path(f"{spec}.idx").is_file():
         raise FileNotFoundError(f"dataset {spec}: neither a folder with {DATASET_MANIFEST} nor a prefix of an "
