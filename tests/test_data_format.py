@@ -83,3 +83,54 @@ def test_damaged_files_are_refused_with_the_file_named(tmp_path, damage, message
     damage(tmp_path / "m.idx", tmp_path / "m.bin")
     with pytest.raises((DatasetFormatError, FileNotFoundError), match=message):
         IndexedDataset(tmp_path / "m")
+
+
+@pytest.mark.parametrize("keep", [0, 5, 9, 12, 33])
+def test_truncated_header_says_so(tmp_path, keep):
+    megatron_pair(tmp_path / "m", DOCS)
+    idx = tmp_path / "m.idx"
+    idx.write_bytes(idx.read_bytes()[:keep])
+    with pytest.raises(DatasetFormatError, match=rf"m.idx: truncated header: the file has {keep} bytes, an index "
+                                                 r"header has 34$"):
+        IndexedDataset(tmp_path / "m")
+
+
+def _patch(idx, offset, fmt, value):
+    data = bytearray(idx.read_bytes())
+    struct.pack_into(fmt, data, offset, value)
+    idx.write_bytes(bytes(data))
+
+
+HEADER, N = 34, len(DOCS)  # DOCS: 4 sequences, 5 document indices
+
+
+@pytest.mark.parametrize("offset, fmt, value, message", [
+    (HEADER + 4, "<i", 2, r"sequence 2 points to byte 8, but the lengths before it end at byte 10"),
+    (HEADER + 4, "<i", -1, "sequence 1 has negative length -1"),
+    (HEADER + 4 * N + 16, "<q", 10, "sequence 2 points to byte 10, but the lengths before it end at byte 8"),
+    (HEADER + 12 * N + 24, "<q", 1, "document indices must rise from 0 to the sequence count 4 without going back"),
+    (HEADER + 12 * N + 32, "<q", 3, "document indices must rise from 0 to the sequence count 4"),
+    (HEADER + 12 * N, "<q", 1, "document indices must rise from 0"),
+    (HEADER - 16, "<Q", N - 1, "index longer than its header says"),
+    (HEADER - 8, "<Q", 2**40, "truncated index: 122 bytes, but a header of 4 sequences and 1099511627776"),
+    (HEADER + 4 * 3, "<i", 3, r"m.bin: 22 bytes, but .*m.idx describes 12 tokens of uint16 \(24 bytes\)"),
+])
+def test_inconsistent_index_is_refused_at_open(tmp_path, offset, fmt, value, message):
+    """Lengths, pointers and document indices must agree with each other and with .bin, or reads go out of
+    bounds or return other documents' tokens."""
+    megatron_pair(tmp_path / "m", DOCS)
+    _patch(tmp_path / "m.idx", offset, fmt, value)
+    with pytest.raises(DatasetFormatError, match=message):
+        IndexedDataset(tmp_path / "m")
+
+
+def test_empty_documents_including_the_last_read_as_empty(tmp_path):
+    megatron_pair(tmp_path / "m", [[1, 2], [3]])
+    idx = tmp_path / "m.idx"  # an empty last document, as Megatron's end_document() twice writes it
+    lengths, pointers = [2, 1], [0, 4]
+    raw = b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, 2, 4) + struct.pack("<2i", *lengths)
+    raw += struct.pack("<2q", *pointers) + struct.pack("<4q", 0, 1, 2, 2)
+    idx.write_bytes(raw)
+    ds = IndexedDataset(tmp_path / "m")
+    assert ds.document_lengths().tolist() == [2, 1, 0]
+    assert ds.document_offsets().tolist() == [0, 2, 3]
