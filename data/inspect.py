@@ -33,7 +33,7 @@ def inspect(spec: str, decode: int, tokenizer: str | None, vocab_size: int | Non
     if all(s.dtype.kind != "f" for s in shards):
         bounds = shard_id_bounds(ds)
         where, _, hi = max(bounds, key=lambda b: b[2])
-        print(f"  token ids: {min(b[1] for b in bounds)} to {hi}")
+        print(f"  largest token id: {hi} ({'scanned' if where.suffix == '.bin' else 'recorded in'} {where.name})")
         vocab, source = (vocab_size, "--vocab-size") if vocab_size else ((manifest or {}).get("vocab_size"),
                                                                           ds.manifest_file)
         if vocab is not None and hi >= vocab:
