@@ -85,7 +85,8 @@ def _cache_key(prefix: Path) -> dict:
 
 
 def _cache_files(prefix: Path, cache_dir: Path | None) -> list[Path]:
-    beside = Path(f"{prefix}.token_range.json")
+    # hidden, so that no glob for shard manifests (shard_*.json) ever takes it for one
+    beside = Path(prefix).with_name(f".{Path(prefix).name}.token_range.json")
     if cache_dir is None:
         return [beside]
     tag = hashlib.sha1(str(Path(prefix).resolve()).encode()).hexdigest()[:12]

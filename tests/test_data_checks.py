@@ -83,7 +83,7 @@ def test_scan_is_cached_beside_the_index_and_redone_when_the_file_changes(tmp_pa
     prefix = megatron_prefix(tmp_path / "m", DOCS)
     build(prefix)
     build(prefix)  # valid split and second run: from the cache
-    assert len(calls) == 1 and (tmp_path / "m.token_range.json").is_file()
+    assert len(calls) == 1 and (tmp_path / ".m.token_range.json").is_file()
     data = (tmp_path / "m.bin").read_bytes()
     (tmp_path / "m.bin").write_bytes(data[:-2] + np.uint16(299).tobytes())  # same size, new content
     st = os.stat(tmp_path / "m.bin")
@@ -111,7 +111,7 @@ def test_read_only_data_folder_caches_the_scan_in_the_cache_dir(tmp_path, monkey
     assert verify.token_range(ds.shards[0], cache) == (1, 8)
     assert verify.token_range(ds.shards[0], cache) == (1, 8)
     assert len(calls) == 1 and len(list(cache.glob("m-*.token_range.json"))) == 1
-    assert not (tmp_path / "data" / "m.token_range.json").exists()
+    assert not (tmp_path / "data" / ".m.token_range.json").exists()
 
 
 def test_empty_dataset_is_one_line_in_inspect_and_training(tmp_path, capsys):
@@ -151,3 +151,13 @@ def test_folder_of_megatron_pairs_names_its_prefixes(tmp_path):
     (folder / "dataset.json").unlink()
     with pytest.raises(FileNotFoundError, match="needs dataset.json .*an interrupted run must be re-run"):
         build(folder)
+
+
+def test_chunked_scan_matches_numpy_over_the_whole_shard(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 60_000, rng.integers(1, 50)).tolist() for _ in range(40)]
+    ds = verify.open_dataset(megatron_prefix(tmp_path / "m", docs))
+    flat = np.concatenate(docs)
+    for chunk in (1, 7, 64, 10**6):
+        monkeypatch.setattr(verify, "SCAN_CHUNK", chunk)
+        assert verify.scan_token_range(ds.shards[0]) == (int(flat.min()), int(flat.max()))
