@@ -157,6 +157,8 @@ def check_token_ids(ds: OpenedDataset, vocab_size: int, cache_dir: Path | None =
     for s in ds.shards:
         if s.dtype.kind == "f":
             raise DatasetFormatError(f"{idx_path(s.prefix)}: holds {s.dtype} tokens; token ids must be integers")
+    if all(s.dtype.kind == "u" and np.iinfo(s.dtype).max < vocab_size for s in ds.shards):
+        return  # e.g. uint16 data for a vocabulary of 65536 or more: no id can be out of range, nothing to read
     for where, lo, hi in shard_id_bounds(ds, cache_dir):
         if hi >= vocab_size:
             raise ValueError(f"{where}: holds token id {hi}, but model.vocab_size is {vocab_size} "

@@ -161,3 +161,9 @@ def test_chunked_scan_matches_numpy_over_the_whole_shard(tmp_path, monkeypatch):
     for chunk in (1, 7, 64, 10**6):
         monkeypatch.setattr(verify, "SCAN_CHUNK", chunk)
         assert verify.scan_token_range(ds.shards[0]) == (int(flat.min()), int(flat.max()))
+
+
+def test_no_scan_when_the_dtype_cannot_hold_an_id_beyond_the_vocabulary(tmp_path, monkeypatch):
+    monkeypatch.setattr(verify, "scan_token_range", lambda ds: pytest.fail("scanned"))
+    ds = verify.open_dataset(megatron_prefix(tmp_path / "m", [[65535, 1]]))
+    verify.check_token_ids(ds, 65536)
