@@ -49,7 +49,7 @@ class OpenedDataset:
 def _check_counts(where: Path, m: dict, n_docs: int, n_tokens: int, dtype: str | None) -> None:
     for key, actual in (("documents", n_docs), ("tokens", n_tokens), ("dtype", dtype)):
         if m.get(key) is not None and actual is not None and m[key] != actual:
-            raise DatasetFormatError(f"{where}: records {key} {m[key]}, but its shards hold {actual} "
+            raise DatasetFormatError(f"{where}: records {key} {m[key]}, but the files hold {actual} "
                                      f"(the manifest does not describe these files)")
 
 

@@ -72,7 +72,7 @@ def test_a_manifest_max_id_is_cross_checked_against_the_shard(tmp_path):
     folder = write_token_dataset(tmp_path / "e", DOCS, vocab_size=300)
     m = json.loads((folder / "dataset.json").read_text())
     (folder / "dataset.json").write_text(json.dumps({**m, "documents": 29}))  # stale: another version of the data
-    with pytest.raises(DatasetFormatError, match=r"dataset.json: records documents 29, but its shards hold 30"):
+    with pytest.raises(DatasetFormatError, match=r"dataset.json: records documents 29, but the files hold 30"):
         build(folder)
 
 
