@@ -169,7 +169,10 @@ def _recorded_job(out: Path, shards: ShardSet, cfg: PreprocessConfig) -> dict | 
     return job or None
 
 
-def _show(key: str, value) -> str:
+def _show(key: str, settings: dict) -> str:
+    value = settings[key]
+    if key == "tokenizer_sha256":  # which tokenizer has that hash
+        return f"{value} ({_show('tokenizer', settings)})" if settings.get("tokenizer") else value
     if key == "tokenizer" and value not in (BYTE_TOKENIZER, "trained"):
         return f"{value} (a SentencePiece file)"
     return repr(value) if isinstance(value, str) else str(value)
@@ -183,10 +186,12 @@ def _check_job(out: Path, recorded: dict | None, job: dict) -> None:
         old, new = recorded.get(key), job.get(key)
         if old is None or new is None:
             continue
-        if key == "tokenizer":  # the same tokenizer file may be passed by another path: its sha256 decides
+        if key == "tokenizer":  # where both are known, the tokenizers' sha256 decides, not how they were given
+            if recorded.get("tokenizer_sha256") and job.get("tokenizer_sha256"):
+                continue
             old, new = (v if v in (BYTE_TOKENIZER, "trained") else "a SentencePiece file" for v in (old, new))
         if old != new:
-            diffs.append(f"{key}: {_show(key, recorded[key])} in {out}, {_show(key, job[key])} in this run")
+            diffs.append(f"{key}: {_show(key, recorded)} in {out}, {_show(key, job)} in this run")
     if diffs:
         raise PreprocessError(f"{out} holds another job's data, refusing to mix tokenizations: " + "; ".join(diffs)
                               + f" (re-run with the settings in {out / JOB_FILE}, or choose another --output)")
@@ -263,7 +268,7 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
     job = _job_settings(cfg, tok)
     recorded = _recorded_job(out, shards, cfg)
     _check_job(out, recorded, job)
-    if recorded is None or set(recorded) != set(job):  # first run, or a folder from before job.json
+    if not (out / JOB_FILE).is_file():  # first run, or a folder from before job.json
         try:
             write_json_atomic(out / JOB_FILE, {**(recorded or {}), **job})
         except OSError as e:
@@ -449,10 +454,15 @@ def _truncate(writer: IndexedDatasetWriter, documents: int, tokens: int, max_id:
     writer.n_tokens, writer.max_id = tokens, max_id
 
 
+def _ignore(signum, frame):
+    pass
+
+
 def _stop(signum, frame):
-    # The first signal stops the run; later ones would only interrupt the clean-up with a traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The first signal stops the run; later ones would only interrupt the clean-up with a traceback. Not
+    # SIG_IGN: workers the pool starts meanwhile would inherit it and outlive pool.terminate()'s SIGTERM.
+    signal.signal(signal.SIGINT, _ignore)
+    signal.signal(signal.SIGTERM, _ignore)
     raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
