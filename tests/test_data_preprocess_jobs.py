@@ -5,6 +5,7 @@ outputs in one line."""
 import gzip
 import json
 import os
+import random
 
 import pytest
 
@@ -121,25 +122,32 @@ def test_trained_tokenizer_is_byte_identical_across_runs(tmp_path):
 
 # -- damaged inputs and unusable outputs -----------------------------------------------------------------
 def damaged(path, kind):
-    data = "".join(json.dumps({"text": t}) + "\n" for t in TEXTS).encode()
+    rng = random.Random(0)  # text that compresses poorly, so a cut half-way leaves many whole records
+    texts = [t + "".join(rng.choice("abcdefgh ") for _ in range(300)) for t in TEXTS * 3]
+    data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
     if kind == "not gzip":
         path.write_bytes(data)
     else:  # cut short: the first records decompress, then the stream ends
-        path.write_bytes(gzip.compress(data, mtime=0)[:-300])
+        packed = gzip.compress(data, mtime=0)
+        path.write_bytes(packed[: len(packed) // 2])
     return path
 
 
-@pytest.mark.parametrize("kind, reason", [("not gzip", "not a gzip file"), ("truncated", "truncated")])
-@pytest.mark.parametrize("position", [0, 1])
-def test_damaged_compressed_input_is_skipped_whole(tmp_path, capsys, kind, reason, position):
-    good = [write_jsonl(tmp_path / "a.jsonl", TEXTS[:7]), write_jsonl(tmp_path / "c.jsonl", TEXTS[7:12])]
-    bad = damaged(tmp_path / "b.jsonl.gz", kind)
+REASONS = {"not gzip": "not a gzip file", "truncated": "truncated: the compressed data ends after line"}
+
+
+@pytest.mark.parametrize("kind, position, workers", [("not gzip", 0, 1), ("not gzip", 1, 1), ("truncated", 0, 1),
+                                                     ("truncated", 1, 1), ("truncated", 1, 2)])
+def test_damaged_compressed_input_is_skipped_whole(tmp_path, capsys, kind, position, workers):
+    good = [write_jsonl(tmp_path / "1.jsonl", TEXTS[:7]), write_jsonl(tmp_path / "3.jsonl", TEXTS[7:12])]
+    bad = damaged(tmp_path / f"{2 * position}.jsonl.gz", kind)  # inputs are taken in sorted order
     inputs = good[:position] + [bad] + good[position:]
-    summary, _ = run(tmp_path / "out", inputs, batch_docs=2)
+    summary, _ = run(tmp_path / "out", inputs, batch_docs=2, workers=workers)
     err = capsys.readouterr().err
-    assert f"skipped {bad}: {reason}" in err and "Traceback" not in err
+    assert f"skipped {bad}: {REASONS[kind]}" in err and "Traceback" not in err
     assert summary["run"]["errors"] == 1 and summary["documents"] == 12
-    # Exactly what the good inputs alone give: no document of the damaged one is kept.
+    # Exactly what the good inputs alone give: no document of the damaged one is kept, even those read and
+    # written before the damage was found.
     run(tmp_path / "ref", [g for g in inputs if g != bad], batch_docs=2)
     shards = lambda d: {k: v for k, v in contents(d).items() if k.startswith("shard_") and not k.endswith(".json")}
     assert shards(tmp_path / "out") == shards(tmp_path / "ref")
@@ -149,13 +157,13 @@ def test_damaged_compressed_input_is_skipped_whole(tmp_path, capsys, kind, reaso
     assert summary["documents"] == 15 and len(summary["shards"]) == 2
 
 
-@pytest.mark.parametrize("kind, reason", [("not gzip", "not a gzip file"), ("truncated", "truncated")])
-def test_damaged_compressed_input_with_on_error_fail_is_one_line(tmp_path, capsys, kind, reason):
+@pytest.mark.parametrize("kind", ["not gzip", "truncated"])
+def test_damaged_compressed_input_with_on_error_fail_is_one_line(tmp_path, capsys, kind):
     bad = damaged(tmp_path / "b.jsonl.gz", kind)
     rc = main([str(bad), "--output", str(tmp_path / "out"), "--tokenizer", "bytes", "--workers", "1",
                "--on-error", "fail"])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and len(err.splitlines()) == 1 and f"mtp-preprocess: {bad}: {reason}" in err
+    assert rc == 1 and len(err.splitlines()) == 1 and f"mtp-preprocess: {bad}: {REASONS[kind]}" in err
     assert not list((tmp_path / "out").glob("shard_*"))
 
 
