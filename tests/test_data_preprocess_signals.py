@@ -36,8 +36,12 @@ def test_signal_to_process_group_stops_in_one_line_and_rerun_completes(tmp_path,
     deadline = time.monotonic() + 120
     while not (out / "shard_00000.json").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(proc.pid, signum)  # as a terminal's Ctrl-C or scancel does: main process and workers together
-    output, _ = proc.communicate(timeout=120)
+    try:
+        os.killpg(proc.pid, signum)  # as a terminal's Ctrl-C or scancel does: main process and workers together
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # hung: leave no process behind
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 128 + signum, output
     lines = output.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in output, output
