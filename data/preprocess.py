@@ -32,6 +32,7 @@ from mtplm.pretrain.config import config_error_exit, from_dict, merge, parse_ove
 
 from .indexed_dataset import IndexedDatasetWriter, token_dtype
 from .manifest import DATASET_MANIFEST, TOOL_VERSION, read_manifest, shard_manifest_path, write_json_atomic
+from .preprocess_job import JOB_FILE, PreprocessError, check_job, job_settings, recorded_job
 from .readers import BadInput, BadRecord, discover, input_format, read_documents
 from .tokenizer import BYTE_TOKENIZER, load_tokenizer, train_sentencepiece
 
@@ -73,10 +74,6 @@ class PreprocessConfig:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.workers < 0:
             raise ConfigError(f"workers: must be >= 0, got {self.workers}")
-
-
-class PreprocessError(RuntimeError):
-    pass
 
 
 class Interrupted(KeyboardInterrupt):
@@ -127,74 +124,6 @@ def _tokenize(texts: list[str], eod: int | None, dtype) -> list[np.ndarray]:
             ids.append(eod)
         out.append(np.asarray(ids, dtype=dtype))
     return out
-
-
-# -- the job: settings that decide the tokens, checked before anything is written -----------------------
-JOB_FILE = "job.json"
-# Compared in this order; inputs, include/exclude, workers and on_error may change between runs
-# (adding inputs to a dataset is a new run of the same job).
-JOB_KEYS = ("tokenizer", "tokenizer_sha256", "vocab_size", "tokenizer_type", "tokenizer_sample_mb", "append_eod",
-            "format", "text_key", "max_shard_tokens")
-
-
-def _job_settings(cfg: PreprocessConfig, tok) -> dict:
-    job = {"format": cfg.format, "text_key": cfg.text_key, "append_eod": cfg.append_eod,
-           "max_shard_tokens": cfg.max_shard_tokens}
-    if cfg.train_tokenizer:  # the tokenizer's sha256 is known once it is trained
-        job.update(tokenizer="trained", vocab_size=cfg.vocab_size, tokenizer_type=cfg.tokenizer_type,
-                   tokenizer_sample_mb=cfg.tokenizer_sample_mb)
-    else:
-        job.update(tokenizer=BYTE_TOKENIZER if tok.path is None else str(tok.path.resolve()),
-                   tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size)
-    return job
-
-
-def _recorded_job(out: Path, shards: ShardSet, cfg: PreprocessConfig) -> dict | None:
-    """The folder's job: job.json, or what the manifests of a folder written before job.json existed say."""
-    if (out / JOB_FILE).is_file():
-        return read_manifest(out / JOB_FILE)
-    manifests = [read_manifest(out / f"{name}.json") for name in shards.shards]
-    if (out / DATASET_MANIFEST).is_file():
-        manifests.append(read_manifest(out / DATASET_MANIFEST))
-    seen = {(m.get("tokenizer_sha256"), m.get("eod_id") is not None) for m in manifests}
-    if len(seen) > 1:
-        raise PreprocessError(f"{out}: its manifests name {len(seen)} different tokenizer/EOD settings; the folder "
-                              f"already mixes tokenizations, so it cannot be continued (start a new --output)")
-    job = {}
-    if seen:
-        job["tokenizer_sha256"], job["append_eod"] = seen.pop()
-    model = out / "tokenizer.model"
-    if cfg.train_tokenizer and model.is_file():
-        job["vocab_size"] = load_tokenizer(model).vocab_size
-    return job or None
-
-
-def _show(key: str, settings: dict) -> str:
-    value = settings[key]
-    if key == "tokenizer_sha256":  # which tokenizer has that hash
-        return f"{value} ({_show('tokenizer', settings)})" if settings.get("tokenizer") else value
-    if key == "tokenizer" and value not in (BYTE_TOKENIZER, "trained"):
-        return f"{value} (a SentencePiece file)"
-    return repr(value) if isinstance(value, str) else str(value)
-
-
-def _check_job(out: Path, recorded: dict | None, job: dict) -> None:
-    if recorded is None:
-        return
-    diffs = []
-    for key in JOB_KEYS:
-        old, new = recorded.get(key), job.get(key)
-        if old is None or new is None:
-            continue
-        if key == "tokenizer":  # where both are known, the tokenizers' sha256 decides, not how they were given
-            if recorded.get("tokenizer_sha256") and job.get("tokenizer_sha256"):
-                continue
-            old, new = (v if v in (BYTE_TOKENIZER, "trained") else "a SentencePiece file" for v in (old, new))
-        if old != new:
-            diffs.append(f"{key}: {_show(key, recorded)} in {out}, {_show(key, job)} in this run")
-    if diffs:
-        raise PreprocessError(f"{out} holds another job's data, refusing to mix tokenizations: " + "; ".join(diffs)
-                              + f" (re-run with the settings in {out / JOB_FILE}, or choose another --output)")
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -265,9 +194,9 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
     tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None
     _prepare_output(out)
     shards = ShardSet(out)
-    job = _job_settings(cfg, tok)
-    recorded = _recorded_job(out, shards, cfg)
-    _check_job(out, recorded, job)
+    job = job_settings(cfg, tok)
+    recorded = recorded_job(out, shards.shards, cfg.train_tokenizer)
+    check_job(out, recorded, job)
     if not (out / JOB_FILE).is_file():  # first run, or a folder from before job.json
         try:
             write_json_atomic(out / JOB_FILE, {**(recorded or {}), **job})
@@ -280,7 +209,7 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
         tok = load_tokenizer(model)
         job["tokenizer_sha256"] = tok.sha256
         recorded = read_manifest(out / JOB_FILE)
-        _check_job(out, recorded, job)
+        check_job(out, recorded, job)
         if recorded != job:
             write_json_atomic(out / JOB_FILE, job)
     tok_spec = BYTE_TOKENIZER if tok.path is None else str(tok.path.resolve())
@@ -417,7 +346,7 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
+            _stop_pool(pool, stopped=sys.exc_info()[0] is not None)
 
     elapsed = max(time.time() - t0, 1e-9)
     totals = {"documents": 0, "tokens": 0, "max_token_id": -1}
@@ -443,6 +372,20 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
         f"skipped {stats['empty']} empty documents and {stats['errors']} bad records; dataset {out} now has "
         f"{len(shards.shards)} shards, {totals['tokens']} tokens")
     return {**summary, "run": run}
+
+
+def _stop_pool(pool, stopped: bool) -> None:
+    if not stopped:
+        pool.terminate()
+        return
+    # A worker ended by the signal (SIGTERM reaches the whole group) may have died holding one of the pool's
+    # queue locks, and terminate() then waits for it forever: give it a bounded time, then kill the workers.
+    t = threading.Thread(target=pool.terminate, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():
+        for p in pool._pool:
+            p.kill()
 
 
 def _truncate(writer: IndexedDatasetWriter, documents: int, tokens: int, max_id: int) -> None:
