@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,7 +32,8 @@ from mtplm.pretrain.config import config_error_exit, from_dict, merge, parse_ove
 
 from .indexed_dataset import IndexedDatasetWriter, token_dtype
 from .manifest import DATASET_MANIFEST, TOOL_VERSION, read_manifest, shard_manifest_path, write_json_atomic
-from .readers import BadRecord, discover, input_format, read_documents
+from .preprocess_job import JOB_FILE, PreprocessError, check_job, job_settings, recorded_job
+from .readers import BadInput, BadRecord, discover, input_format, read_documents
 from .tokenizer import BYTE_TOKENIZER, load_tokenizer, train_sentencepiece
 
 
@@ -73,7 +76,15 @@ class PreprocessConfig:
             raise ConfigError(f"workers: must be >= 0, got {self.workers}")
 
 
-class PreprocessError(RuntimeError):
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; the message says what was completed."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _Terminated(KeyboardInterrupt):
     pass
 
 
@@ -84,6 +95,25 @@ _TOKENIZER = None
 def _init_worker(spec: str) -> None:
     global _TOKENIZER
     _TOKENIZER = load_tokenizer(spec)
+
+
+def _init_pool_worker(spec: str) -> None:
+    # The main process decides when to stop (Ctrl-C reaches the whole process group); SIGTERM still ends a
+    # worker silently, which is how the main process stops the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(spec)
+
+
+def _start_pool(workers: int, spec: str):
+    # Python keeps an inherited SIG_IGN for SIGINT, so workers started while it is ignored never raise
+    # KeyboardInterrupt, not even while still importing, before _init_worker runs.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+    try:
+        return get_context("spawn").Pool(workers, _init_pool_worker, (spec,))
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _tokenize(texts: list[str], eod: int | None, dtype) -> list[np.ndarray]:
@@ -102,8 +132,6 @@ class ShardSet:
 
     def __init__(self, out: Path):
         self.out = out
-        for stale in list(out.glob("*.tmp")) + list(out.glob(".*.tmp-*")):
-            stale.unlink()  # leftovers of an interrupted run; their inputs are redone
         self.done_inputs: set[str] = set()
         self.shards: list[str] = []
         for m in sorted(out.glob("shard_*.json")):
@@ -112,61 +140,95 @@ class ShardSet:
                 self.shards.append(m.stem)
                 self.done_inputs.update(read_manifest(m)["inputs"])
 
+    def remove_leftovers(self) -> None:
+        for stale in list(self.out.glob("*.tmp")) + list(self.out.glob(".*.tmp-*")):
+            stale.unlink()  # leftovers of an interrupted run; their inputs are redone
+
     def next_prefix(self) -> Path:
         return self.out / f"shard_{len(self.shards):05d}"
 
 
-def _tokenizer_for(cfg: PreprocessConfig, files: list[Path], out: Path, log):
-    if cfg.tokenizer is not None:
-        tok = load_tokenizer(cfg.tokenizer)
-        return tok, (BYTE_TOKENIZER if cfg.tokenizer == BYTE_TOKENIZER else str(Path(cfg.tokenizer).resolve()))
-    model = out / "tokenizer.model"
-    if not model.is_file():  # a re-run must reuse the tokenizer its shards were made with
-        budget = cfg.tokenizer_sample_mb * 2**20
+def _train_tokenizer(cfg: PreprocessConfig, files: list[Path], out: Path, log) -> None:
+    budget = cfg.tokenizer_sample_mb * 2**20
 
-        def sample():
-            seen = 0
-            # Spread the sample over all inputs rather than the first few.
-            step = max(1, len(files) // max(1, min(len(files), 64)))
-            for path in files[::step] + [f for i, f in enumerate(files) if i % step]:
-                for doc in read_documents(path, input_format(path, cfg.format), cfg.text_key):
-                    if isinstance(doc, BadRecord) or not doc.text.strip():
-                        continue
-                    yield doc.text
-                    seen += len(doc.text)
-                    if seen >= budget:
-                        return
+    def sample():
+        seen = 0
+        # Spread the sample over all inputs rather than the first few.
+        step = max(1, len(files) // max(1, min(len(files), 64)))
+        for path in files[::step] + [f for i, f in enumerate(files) if i % step]:
+            for doc in read_documents(path, input_format(path, cfg.format), cfg.text_key):
+                if isinstance(doc, BadRecord) or not doc.text.strip():
+                    continue
+                yield doc.text
+                seen += len(doc.text)
+                if seen >= budget:
+                    return
 
-        t0 = time.time()
-        train_sentencepiece(sample(), out / "tokenizer", cfg.vocab_size, cfg.tokenizer_type)
-        log(f"trained a {cfg.vocab_size}-piece SentencePiece {cfg.tokenizer_type} tokenizer in {time.time() - t0:.1f}s")
-    return load_tokenizer(model), str(model)
+    t0 = time.time()
+    train_sentencepiece(sample(), out / "tokenizer", cfg.vocab_size, cfg.tokenizer_type)
+    log(f"trained a {cfg.vocab_size}-piece SentencePiece {cfg.tokenizer_type} tokenizer in {time.time() - t0:.1f}s")
+
+
+def _prepare_output(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise PreprocessError(f"output {out}: is an existing file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PreprocessError(f"output {out}: cannot create the folder ({_os_error(e)})") from None
+
+
+def _os_error(e: OSError) -> str:
+    return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
 
 
 def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
-    """Tokenize cfg.inputs into shards under cfg.output; returns the summary (also in dataset.json)."""
+    """Tokenize cfg.inputs into shards under cfg.output; returns the summary (also in dataset.json).
+
+    A folder holds one job: a re-run with the same tokenizer and settings continues it (or does nothing when
+    it is complete); one with any setting that changes the tokens is refused before anything is written."""
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     files = discover(cfg.inputs, cfg.include, cfg.exclude)
     if not files:
         raise PreprocessError(f"no input files found in {cfg.inputs} (include={cfg.include}, exclude={cfg.exclude})")
-    tok, tok_spec = _tokenizer_for(cfg, files, out, log)
+    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None
+    _prepare_output(out)
+    shards = ShardSet(out)
+    job = job_settings(cfg, tok)
+    recorded = recorded_job(out, shards.shards, cfg.train_tokenizer)
+    check_job(out, recorded, job)
+    if not (out / JOB_FILE).is_file():  # first run, or a folder from before job.json
+        try:
+            write_json_atomic(out / JOB_FILE, {**(recorded or {}), **job})
+        except OSError as e:
+            raise PreprocessError(f"output {out}: cannot write there ({e.strerror or e})") from None
+    if cfg.train_tokenizer:
+        model = out / "tokenizer.model"
+        if not model.is_file():  # a re-run must reuse the tokenizer its shards were made with
+            _train_tokenizer(cfg, files, out, log)
+        tok = load_tokenizer(model)
+        job["tokenizer_sha256"] = tok.sha256
+        recorded = read_manifest(out / JOB_FILE)
+        check_job(out, recorded, job)
+        if recorded != job:
+            write_json_atomic(out / JOB_FILE, job)
+    tok_spec = BYTE_TOKENIZER if tok.path is None else str(tok.path.resolve())
     dtype = token_dtype(tok.vocab_size)
     eod = tok.eod_id if cfg.append_eod else None
-    shards = ShardSet(out)
+    shards.remove_leftovers()
     todo = [f for f in files if str(f) not in shards.done_inputs]
     if len(todo) < len(files):
         log(f"resuming: {len(files) - len(todo)} of {len(files)} inputs are already in complete shards")
 
     stats = dict(documents=0, tokens=0, bytes=0, empty=0, errors=0)
     workers = cfg.workers or os.cpu_count() or 1
-    pool = get_context("spawn").Pool(workers, _init_worker, (tok_spec,)) if workers > 1 else None
-    if pool is None:
+    pool = _start_pool(workers, tok_spec) if workers > 1 and todo else None
+    if pool is None and todo:
         _init_worker(tok_spec)
     bar = tqdm(total=sum(f.stat().st_size for f in todo), unit="B", unit_scale=True, desc="preprocess",
                disable=None, file=sys.stderr)
     t0 = time.time()
-    writer, shard_inputs, max_id = None, [], -1
+    writer, shard_inputs, mark = None, [], None
     pending: deque = deque()
     in_flight = 2 * workers if pool else 0  # bounded work in flight: memory stays flat on huge inputs
 
@@ -182,29 +244,50 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
     def drain(limit):
         # Results are written in input order; an input's end marker closes the shard once it is full, so
         # shards end only between inputs while tokenization of later inputs continues in the pool.
+        nonlocal mark
         while len(pending) > limit:
             kind, item = pending.popleft()
             if kind == "batch":
                 write(item.get() if pool else item)
-                continue
-            path, size = item
-            shard_inputs.append(str(path))
-            bar.update(size)
-            elapsed = max(time.time() - t0, 1e-9)
-            bar.set_postfix_str(f"{stats['documents'] / elapsed:.0f} docs/s {stats['tokens'] / elapsed:.0f} tok/s")
-            if writer is not None and writer.n_tokens >= cfg.max_shard_tokens:
-                finish_shard()
+            elif kind == "start":  # where to roll back to if this input turns out to be damaged
+                mark = (stats["documents"], stats["tokens"],
+                        None if writer is None else (len(writer.lengths), writer.n_tokens, writer.max_id))
+            else:
+                path, size = item
+                shard_inputs.append(str(path))
+                bar.update(size)
+                elapsed = max(time.time() - t0, 1e-9)
+                bar.set_postfix_str(f"{stats['documents'] / elapsed:.0f} docs/s {stats['tokens'] / elapsed:.0f} tok/s")
+                if writer is not None and writer.n_tokens >= cfg.max_shard_tokens:
+                    finish_shard()
+
+    def drop_input():
+        # Forget a damaged input's documents: those still queued, then those already written (all in the
+        # current shard, which closes only between inputs).
+        nonlocal writer
+        while pending and pending[-1][0] != "start":
+            pending.pop()
+        if pending:
+            pending.pop()
+            return
+        stats["documents"], stats["tokens"], kept = mark
+        if kept is None:
+            if writer is not None:
+                writer.abort()
+            writer = None
+        elif len(writer.lengths) > kept[0]:
+            _truncate(writer, *kept)
 
     def finish_shard():
-        nonlocal writer, shard_inputs, max_id
+        nonlocal writer, shard_inputs
         prefix = writer.finish()
-        max_id = max(max_id, writer.max_id)
         # The shard manifest is what marks its inputs done, so it is written after the pair is in place.
         write_json_atomic(shard_manifest_path(prefix), {
             "inputs": shard_inputs, "documents": len(writer.lengths), "tokens": writer.n_tokens,
             "max_token_id": writer.max_id, "dtype": str(dtype), "tokenizer_sha256": tok.sha256,
             "vocab_size": tok.vocab_size, "eod_id": eod, "tool_version": TOOL_VERSION})
         shards.shards.append(prefix.name)
+        shards.done_inputs.update(shard_inputs)
         writer, shard_inputs = None, []
 
     def submit(batch):
@@ -214,21 +297,34 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
     try:
         for path in todo:
             batch: list[str] = []
+            pending.append(("start", path))
+            input_bytes, damaged = 0, None
             for doc in read_documents(path, input_format(path, cfg.format), cfg.text_key):
                 if isinstance(doc, BadRecord):
                     stats["errors"] += 1
                     if cfg.on_error == "fail":
-                        raise PreprocessError(f"{doc} (use --on-error skip to skip and count such records)")
+                        raise PreprocessError(f"{doc} (use --on-error skip to skip and count such "
+                                              f"{'inputs' if isinstance(doc, BadInput) else 'records'})")
+                    if isinstance(doc, BadInput):
+                        damaged = doc
+                        break
                     tqdm.write(f"skipped {doc}", file=sys.stderr)
                     continue
                 if not doc.text.strip():
                     stats["empty"] += 1
                     continue
-                stats["bytes"] += len(doc.text.encode("utf-8", errors="ignore"))
+                input_bytes += len(doc.text.encode("utf-8", errors="ignore"))
                 batch.append(doc.text)
                 if len(batch) >= cfg.batch_docs:
                     submit(batch)
                     batch = []
+            if damaged is not None:
+                # Not marked done: a re-run after the file is replaced adds it.
+                tqdm.write(f"skipped {damaged} (the whole input; none of its documents are kept)", file=sys.stderr)
+                drop_input()
+                bar.update(path.stat().st_size)
+                continue
+            stats["bytes"] += input_bytes
             if batch:
                 submit(batch)
             pending.append(("end", (path, path.stat().st_size)))
@@ -236,6 +332,13 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
         drain(0)
         if writer is not None:
             finish_shard()
+    except KeyboardInterrupt as e:
+        if writer is not None:
+            writer.abort()
+        signum = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
+        done = sum(str(f) in shards.done_inputs for f in files)
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}: {out} has {len(shards.shards)} complete shards "
+                          f"holding {done} of {len(files)} inputs; re-run the same command to continue", signum) from None
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -243,7 +346,7 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
+            _stop_pool(pool, stopped=sys.exc_info()[0] is not None)
 
     elapsed = max(time.time() - t0, 1e-9)
     totals = {"documents": 0, "tokens": 0, "max_token_id": -1}
@@ -257,14 +360,53 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
         "vocab_size": tok.vocab_size, "eod_id": eod, "dtype": str(dtype), **totals,
         "sources": [str(f) for f in files], "tool_version": TOOL_VERSION,
     }
-    write_json_atomic(out / DATASET_MANIFEST, summary)
     run = {**stats, "seconds": elapsed, "tokens_per_s": stats["tokens"] / elapsed,
            "mb_per_s": stats["bytes"] / 2**20 / elapsed, "workers": workers}
+    manifest = out / DATASET_MANIFEST
+    if not todo and manifest.is_file() and read_manifest(manifest) == summary:
+        log(f"nothing to do: dataset {out} is complete ({len(shards.shards)} shards, {totals['tokens']} tokens)")
+        return {**summary, "run": run}
+    write_json_atomic(manifest, summary)
     log(f"preprocessed {stats['documents']} documents, {stats['tokens']} tokens, {stats['bytes'] / 2**20:.1f} MB "
         f"in {elapsed:.1f}s ({run['tokens_per_s']:.0f} tokens/s, {run['mb_per_s']:.2f} MB/s, {workers} workers); "
         f"skipped {stats['empty']} empty documents and {stats['errors']} bad records; dataset {out} now has "
         f"{len(shards.shards)} shards, {totals['tokens']} tokens")
     return {**summary, "run": run}
+
+
+def _stop_pool(pool, stopped: bool) -> None:
+    if not stopped:
+        pool.terminate()
+        return
+    # A worker ended by the signal (SIGTERM reaches the whole group) may have died holding one of the pool's
+    # queue locks, and terminate() then waits for it forever: give it a bounded time, then kill the workers.
+    t = threading.Thread(target=pool.terminate, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():
+        for p in pool._pool:
+            p.kill()
+
+
+def _truncate(writer: IndexedDatasetWriter, documents: int, tokens: int, max_id: int) -> None:
+    """Cut an open writer back to its first `documents` documents."""
+    writer._bin.flush()
+    writer._bin.truncate(tokens * writer.dtype.itemsize)
+    writer._bin.seek(tokens * writer.dtype.itemsize)
+    del writer.lengths[documents:]
+    writer.n_tokens, writer.max_id = tokens, max_id
+
+
+def _ignore(signum, frame):
+    pass
+
+
+def _stop(signum, frame):
+    # The first signal stops the run; later ones would only interrupt the clean-up with a traceback. Not
+    # SIG_IGN: workers the pool starts meanwhile would inherit it and outlive pool.terminate()'s SIGTERM.
+    signal.signal(signal.SIGINT, _ignore)
+    signal.signal(signal.SIGTERM, _ignore)
+    raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,11 +436,29 @@ def main(argv: list[str] | None = None) -> int:
         cfg = from_dict(PreprocessConfig, data)
     except ConfigError as e:
         config_error_exit(e, "mtp-preprocess")
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:  # a cluster stops a job with SIGTERM to its process group: handled as Ctrl-C is
+        previous = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         run_preprocess(cfg)
+    except Interrupted as e:
+        print(f"mtp-preprocess: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt as e:  # stopped before the first input (tokenizer training, start-up)
+        signum = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
+        print(f"mtp-preprocess: stopped by {signum.name} before any input was tokenized; re-run the same command "
+              f"to continue", file=sys.stderr)
+        return 128 + signum
     except (PreprocessError, FileNotFoundError, ValueError) as e:
         print(f"mtp-preprocess: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # disk full, permission, a path that is not a folder: the file and the reason
+        print(f"mtp-preprocess: {_os_error(e)}", file=sys.stderr)
+        return 1
+    finally:
+        if in_main:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
     return 0
 
 

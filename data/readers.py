@@ -1,7 +1,8 @@
 """Documents from raw inputs: plain text (one document per file), JSONL (optionally .gz) and Parquet.
 
 Readers yield Document or BadRecord items, never raise on bad data: the caller decides to skip or stop,
-and a BadRecord always names the file and the line (or Parquet row) and says what was expected.
+and a BadRecord always names the file and the line (or Parquet row) and says what was expected. An input
+that cannot be read to its end (not gzip, truncated, damaged, unreadable) yields a BadInput last.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import fnmatch
 import glob
 import gzip
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +34,28 @@ class BadRecord:
 
     def __str__(self) -> str:
         return f"{self.source}:{self.line}: {self.reason}"
+
+
+class BadInput(BadRecord):
+    """The whole input is unusable from `line` on; the caller drops all of it or stops."""
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}"
+
+
+def _damage(path: Path, e: BaseException, line: int) -> BadInput:
+    where = f"after line {line}" if line else "at its start"
+    if isinstance(e, gzip.BadGzipFile):
+        reason = f"not a gzip file ({e})"
+    elif isinstance(e, EOFError):
+        reason = f"truncated: the compressed data ends {where}, before its end-of-stream marker"
+    elif isinstance(e, zlib.error):
+        reason = f"damaged compressed data {where} ({e})"
+    elif isinstance(e, OSError) and e.strerror:
+        reason = f"cannot read: {e.strerror}"
+    else:
+        reason = f"cannot read {where} ({e})"
+    return BadInput(str(path), line, reason)
 
 
 def input_format(path: Path, forced: str = "auto") -> str:
@@ -69,7 +93,11 @@ def discover(inputs: list[str], include: list[str], exclude: list[str]) -> list[
 
 
 def _read_text(path: Path) -> Iterator[Document | BadRecord]:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        yield _damage(path, e, 0)
+        return
     try:
         yield Document(data.decode("utf-8"), str(path), 1)
     except UnicodeDecodeError as e:
@@ -79,29 +107,33 @@ def _read_text(path: Path) -> Iterator[Document | BadRecord]:
 
 def _read_jsonl(path: Path, key: str) -> Iterator[Document | BadRecord]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield BadRecord(str(path), n, f"not valid UTF-8 (byte {e.start} of the line)")
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield BadRecord(str(path), n, f"not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(record, dict) or key not in record:
-                yield BadRecord(str(path), n, f"no {key!r} field (expected a JSON object with a string {key!r}; "
-                                              f"choose the field with --text-key)")
-                continue
-            text = record[key]
-            if not isinstance(text, str):
-                yield BadRecord(str(path), n, f"field {key!r} is {type(text).__name__}, expected a string")
-                continue
-            yield Document(text, str(path), n)
+    n = 0
+    try:
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield BadRecord(str(path), n, f"not valid UTF-8 (byte {e.start} of the line)")
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield BadRecord(str(path), n, f"not valid JSON ({e.msg} at column {e.colno})")
+                    continue
+                if not isinstance(record, dict) or key not in record:
+                    yield BadRecord(str(path), n, f"no {key!r} field (expected a JSON object with a string {key!r}; "
+                                                  f"choose the field with --text-key)")
+                    continue
+                text = record[key]
+                if not isinstance(text, str):
+                    yield BadRecord(str(path), n, f"field {key!r} is {type(text).__name__}, expected a string")
+                    continue
+                yield Document(text, str(path), n)
+    except (OSError, EOFError, zlib.error) as e:  # gzip's errors for a file that is not, or no longer, whole
+        yield _damage(path, e, n)
 
 
 def _read_parquet(path: Path, key: str, batch_rows: int = 1024) -> Iterator[Document | BadRecord]:
@@ -110,14 +142,22 @@ def _read_parquet(path: Path, key: str, batch_rows: int = 1024) -> Iterator[Docu
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet
-        yield BadRecord(str(path), 0, f"not a readable Parquet file ({e})")
+        yield BadInput(str(path), 0, f"not a readable Parquet file ({e})")
         return
     if key not in pf.schema_arrow.names:
-        yield BadRecord(str(path), 0, f"no column {key!r}; columns are {pf.schema_arrow.names} (choose with --text-key)")
+        yield BadInput(str(path), 0, f"no column {key!r}; columns are {pf.schema_arrow.names} (choose with --text-key)")
         return
     row = 0
-    # Record batches keep memory bounded by batch_rows, whatever the file's size.
-    for batch in pf.iter_batches(columns=[key], batch_size=batch_rows):
+    batches = pf.iter_batches(columns=[key], batch_size=batch_rows)
+    while True:
+        # Record batches keep memory bounded by batch_rows, whatever the file's size.
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a damaged row group: pyarrow's ArrowInvalid, OSError, ...
+            yield BadInput(str(path), row, f"damaged after row {row} ({e})")
+            return
+        if batch is None:
+            return
         for text in batch.column(0).to_pylist():
             row += 1
             if text is None:

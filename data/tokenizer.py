@@ -7,6 +7,7 @@ model file; fixed for bytes), which the dataset manifests record and the trainer
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Iterable
@@ -76,7 +77,10 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_si
                         max_sentence_length: int = 16384, num_threads: int | None = None) -> Path:
     """Train a SentencePiece model with byte fallback on a bounded sample of `texts`; returns the .model path.
 
-    The model file is written under a temporary prefix and renamed, so a crash never leaves one that looks done.
+    The same texts and options give the same bytes: the model is returned in memory (no model_prefix or
+    input path lands in its trainer_spec) and num_threads is recorded only when the caller sets it, so the
+    file's sha256, which manifests and configs check, does not depend on temporary names or the machine.
+    It is written under a temporary name and renamed, so a crash never leaves one that looks done.
     Whitespace is kept as is (no normalisation, no collapsing of spaces, no dummy prefix) because code
     depends on it.
     """
@@ -86,7 +90,8 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_si
         raise ValueError(f"model_type: expected 'bpe' or 'unigram', got {model_type!r}")
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp_prefix = model_prefix.with_name(f".{model_prefix.name}.tmp-{os.getpid()}")
+    model_file = Path(f"{model_prefix}.model")
+    tmp = model_file.with_name(f".{model_file.name}.tmp-{os.getpid()}")
 
     def sentences():
         # Groups of whole lines, newlines kept, so pieces learn indentation after a line break.
@@ -109,9 +114,11 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_si
                 if count >= max_sentences:
                     return
 
+    buf = io.BytesIO()
+    threads = {} if num_threads is None else {"num_threads": num_threads}  # default: SentencePiece's 16
     spm.SentencePieceTrainer.train(
         sentence_iterator=sentences(),
-        model_prefix=str(tmp_prefix),
+        model_writer=buf,
         vocab_size=vocab_size,
         model_type=model_type,
         byte_fallback=True,
@@ -125,9 +132,9 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_si
         allow_whitespace_only_pieces=True,
         user_defined_symbols=["\n", "\t"],
         max_sentence_length=max_sentence_length,
-        num_threads=num_threads or os.cpu_count() or 1,
         minloglevel=2,
+        **threads,
     )
-    for suffix in (".model", ".vocab"):
-        os.replace(f"{tmp_prefix}{suffix}", f"{model_prefix}{suffix}")
-    return Path(f"{model_prefix}.model")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, model_file)
+    return model_file
