@@ -61,6 +61,21 @@ def stopped_at(out: Path) -> int:
     return int(tag.split("_")[1])
 
 
+def test_repeated_stop_signals_repeat_the_request_and_a_second_ctrl_c_interrupts():
+    """A launcher passes SIGTERM on to ranks that already got it from the scheduler: that must not kill them."""
+    stop = StopSignal()
+    try:
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGUSR1, signal.SIGTERM):
+            os.kill(os.getpid(), sig)
+        assert stop.requested and stop.name == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_group_sigterm_with_dataloader_workers_checkpoints_and_resumes_exactly(tmp_path):
     cfg = dataset_config(tmp_path)
     full, pre = tmp_path / "full", tmp_path / "preempted"
@@ -108,3 +123,26 @@ def test_group_sigterm_to_deepspeed_launcher_with_two_ranks_checkpoints_and_resu
     wa, wb = load_file(str(full / "final" / "model.safetensors")), load_file(str(pre / "final" / "model.safetensors"))
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6), k
+
+
+@pytest.mark.distributed
+def test_save_that_fails_on_one_rank_fails_every_rank_and_keeps_latest(tmp_path):
+    """Tests run as root, so permissions cannot stop a write: a directory stands where rank 1 writes its ZeRO
+    optimizer shard of step 4, so only rank 1's write fails (IsADirectoryError, like a full disk fails one file)."""
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({**TINY, "train": {**TINY["train"], "keep_last": 0}}))
+    out = tmp_path / "run"
+    blocked = out / "checkpoints" / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    blocked.mkdir(parents=True)
+    with pytest.raises(RuntimeError) as failed:
+        run_ranks(2, [WORKER, "--config", str(cfg), "--deepspeed_config", str(REPO / "ds_configs" / "zero1.json"),
+                      "--train.out_dir", str(out)], timeout=300)
+    report = str(failed.value)
+    assert "[timed out]" not in report
+    for rank in (0, 1):
+        assert f"----- rank {rank} (exit 1) -----" in report  # every rank fails, none waits for the others
+        log = (out / "logs" / f"rank{rank}.log").read_text()
+        assert f"checkpoint {blocked.parent} was not saved: rank 1 could not write {blocked}" in log, log[-2000:]
+    assert (out / "checkpoints" / LATEST).read_text().strip() == "step_00000002"
+    assert not (blocked.parent / COMPLETE).exists()
+    assert metrics(out).keys() == {1, 2, 3, 4}
