@@ -13,6 +13,7 @@ weight, so any window of 10,000 samples matches the weights to within 0.03%.
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,14 @@ class DistributedBatchSampler:
             i += self.mb * self.world
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave stopping to the trainer (mtplm.pretrain.preemption). Schedulers signal every process
+    of a job at once (scancel, docker stop, kill -- -PGID); a worker that died of it would fail the trainer's next
+    batch before the trainer could checkpoint. A worker whose trainer is gone still exits (DataLoader's watchdog)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _stack(samples):
     return torch.stack(samples)
 
@@ -134,7 +143,7 @@ def build_data_loaders(cfg: DataConfig, *, n_future_tokens: int, vocab_size: int
         raise ValueError(f"data.split {cfg.split} leaves no training documents")
     train = BlendedDataset(train_parts, train_w)
     loader_kw = dict(num_workers=cfg.num_workers, pin_memory=pin_memory, collate_fn=_stack,
-                     persistent_workers=cfg.num_workers > 0)
+                     persistent_workers=cfg.num_workers > 0, worker_init_fn=ignore_stop_signals)
     train_loader = DataLoader(train, batch_sampler=DistributedBatchSampler(
         micro_batch_size, dp_rank, dp_world_size, consumed_train_samples), **loader_kw)
     valid_loader = None

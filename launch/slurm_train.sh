@@ -1,43 +1,88 @@
 #!/usr/bin/env bash
-# Multi-node MTP pretraining under Slurm with the deepspeed launcher.
+# Multi-node MTP pretraining under Slurm, pre-emption and time limits included.
 #
 #   sbatch --nodes=4 launch/slurm_train.sh configs/1b.yaml ds_configs/zero1_bf16.json [--section.key value ...]
 #
-# It writes a hostfile from the allocation, a .deepspeed_env with the variables every rank needs, and
-# starts `deepspeed` on the first node, which reaches the others over ssh (pdsh). Slurm's time-limit
-# warning (--signal) reaches the trainer as SIGTERM: it checkpoints and exits, and resubmitting the same
-# job continues with --train.resume auto.
+# LAUNCH_MODE=srun (default): one deepspeed launcher per node started by srun (launch/node_launch.sh: --no_ssh,
+#   --node_rank $SLURM_NODEID); needs no ssh between nodes.
+# LAUNCH_MODE=ssh: one deepspeed launcher on the first node reaching the others over pdsh/ssh (passwordless ssh
+#   between the nodes; the variables every rank needs go to .deepspeed_env).
+# Either way the run continues from its newest complete checkpoint (--train.resume auto).
+#
+# Stopping: Slurm sends SIGUSR1 to this script 180 s before the time limit (--signal=B:USR1@180). It is forwarded
+# to every rank on every node (launch/forward_signals.sh, through srun); the ranks finish the step, checkpoint and
+# exit 143, and the job requeues itself (scontrol requeue) to continue. SIGTERM to this script (scancel --batch,
+# or --signal=B:TERM@...) is forwarded the same way but does not requeue. A normal finish or a failure never
+# requeues. scancel reaches every process of the job itself: the ranks checkpoint within Slurm's KillWait.
 #SBATCH --job-name=mtp-pretrain
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive
-#SBATCH --signal=B:TERM@300
+#SBATCH --signal=B:USR1@180
+#SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output=slurm-%j.out
-set -euo pipefail
+set -uo pipefail
 
 CONFIG=${1:?usage: sbatch launch/slurm_train.sh CONFIG DS_CONFIG [overrides...]}
 DS_CONFIG=${2:?usage: sbatch launch/slurm_train.sh CONFIG DS_CONFIG [overrides...]}
 shift 2
+LAUNCH_MODE=${LAUNCH_MODE:-srun}
 GPUS_PER_NODE=${GPUS_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 MASTER_PORT=${MASTER_PORT:-29500}
-cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+TRAIN_SCRIPT=${TRAIN_SCRIPT:-pretrain/train.py}
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}" || exit 1
+LAUNCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [ ! -f "$LAUNCH/forward_signals.sh" ]; then LAUNCH=$PWD/launch; fi  # sbatch runs a copy of this script
+source "$LAUNCH/forward_signals.sh"
+# Every rank of this launch carries it, so forward_signals.sh finds them (a requeued job starts new ranks).
+export MTP_LAUNCH_ID="slurm-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
 
-HOSTFILE="hostfile.${SLURM_JOB_ID:-local}"
+HOSTFILE=${HOSTFILE:-hostfile.${SLURM_JOB_ID}}
 scontrol show hostnames "${SLURM_JOB_NODELIST}" | awk -v s="$GPUS_PER_NODE" '{print $1 " slots=" s}' > "$HOSTFILE"
 MASTER_ADDR=$(head -n 1 "$HOSTFILE" | awk '{print $1}')
 NUM_NODES=$(wc -l < "$HOSTFILE")
+ARGS=(--config "$CONFIG" --deepspeed_config "$DS_CONFIG" --train.resume auto "$@")
+echo "nodes: ${NUM_NODES} x ${GPUS_PER_NODE} GPUs, master ${MASTER_ADDR}:${MASTER_PORT}, launch ${LAUNCH_MODE}"
 
-# Variables the launcher must carry to every node (ssh sessions start with a bare environment).
-: > .deepspeed_env
-for var in PATH LD_LIBRARY_PATH PYTHONPATH VIRTUAL_ENV HF_HOME OMP_NUM_THREADS CUDA_DEVICE_MAX_CONNECTIONS \
-           $(compgen -e | grep -E '^(NCCL_|FI_|UCX_|TORCH_)' || true); do
-  if [ -n "${!var:-}" ]; then echo "${var}=${!var}" >> .deepspeed_env; fi
-done
+case "$LAUNCH_MODE" in
+  srun)
+    srun --ntasks-per-node=1 --nodes="$NUM_NODES" "$LAUNCH/node_launch.sh" "$HOSTFILE" "$GPUS_PER_NODE" \
+        "$MASTER_ADDR" "$MASTER_PORT" "$TRAIN_SCRIPT" "${ARGS[@]}" &
+    ;;
+  ssh)
+    # Variables the launcher must carry to every node (ssh sessions start with a bare environment).
+    : > .deepspeed_env
+    for var in PATH LD_LIBRARY_PATH PYTHONPATH VIRTUAL_ENV HF_HOME OMP_NUM_THREADS CUDA_DEVICE_MAX_CONNECTIONS \
+               MTP_LAUNCH_ID $(compgen -e | grep -E '^(NCCL_|FI_|UCX_|TORCH_)' || true); do
+      if [ -n "${!var:-}" ]; then echo "${var}=${!var}" >> .deepspeed_env; fi
+    done
+    python -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" \
+        --num_gpus "$GPUS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+        "$TRAIN_SCRIPT" "${ARGS[@]}" &
+    ;;
+  *) echo "LAUNCH_MODE must be srun or ssh, got '$LAUNCH_MODE'" >&2; exit 2 ;;
+esac
+STEP=$!
 
-echo "nodes: ${NUM_NODES} x ${GPUS_PER_NODE} GPUs, master ${MASTER_ADDR}:${MASTER_PORT}"
-# The launcher runs in the background so this shell can forward Slurm's warning signal to it.
-deepspeed --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" --num_gpus "$GPUS_PER_NODE" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    pretrain/train.py --config "$CONFIG" --deepspeed_config "$DS_CONFIG" --train.resume auto "$@" &
-LAUNCHER=$!
-trap 'echo "forwarding SIGTERM to the launcher"; kill -TERM "$LAUNCHER"' TERM
-wait "$LAUNCHER" || wait "$LAUNCHER"
+REQUEUE=0
+forward() {  # SIGNAL: to every rank on every node; the launchers are left to exit with their ranks
+  echo "received SIG$1: forwarding it to the ranks on every node"
+  srun --overlap --ntasks-per-node=1 --nodes="$NUM_NODES" "$LAUNCH/forward_signals.sh" "$1" "$MTP_LAUNCH_ID"
+}
+trap 'REQUEUE=1; forward USR1' USR1
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+
+# A trapped signal interrupts `wait`; wait again until the launch has really ended.
+while kill -0 "$STEP" 2>/dev/null; do wait "$STEP"; done
+wait "$STEP"
+rc=$?
+wait_for_ranks "$MTP_LAUNCH_ID"  # on this node (ssh mode: the pdsh launcher may exit before its ranks)
+echo "launch exited with status $rc"
+# 143: the ranks stopped on request after a complete checkpoint.
+if [ "$REQUEUE" = 1 ] && [ "$rc" = 143 ]; then
+  echo "stopped before the time limit with a checkpoint: requeueing job ${SLURM_JOB_ID}"
+  scontrol requeue "${SLURM_JOB_ID}"
+  exit 0
+fi
+exit "$rc"

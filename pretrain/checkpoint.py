@@ -17,7 +17,6 @@ import os
 import random
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -67,19 +66,78 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class CheckpointSaveError(RuntimeError):
+    """A rank could not write its part of a checkpoint; every rank raises it, and `latest` is left alone."""
+
+
+class _RecordingCheckpointEngine:
+    """Stands in for DeepSpeed's checkpoint engine during one save. A rank whose write fails (disk full, a path it
+    cannot write) records the error and carries on, so it still joins the collectives inside
+    engine.save_checkpoint instead of leaving the other ranks waiting in them."""
+
+    def __init__(self, inner, failures: list[str]):
+        self._inner, self._failures = inner, failures
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def _record(self, path, write):
+        try:
+            write()
+        except Exception as e:  # torch.save reports a failed write as RuntimeError, os calls as OSError
+            self._failures.append(f"{path}: {e}")
+
+    def save(self, state_dict, path):
+        self._record(path, lambda: self._inner.save(state_dict, path))
+
+    def makedirs(self, path, exist_ok=False):
+        self._record(path, lambda: self._inner.makedirs(path, exist_ok=exist_ok))
+
+
+def _gather_failures(failures: list[str]) -> list[tuple[int, str]]:
+    """Collective: every rank's first failure, so that all ranks take the same decision."""
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, failures[0] if failures else None)
+    return [(r, m) for r, m in enumerate(reports) if m]
+
+
 def save_checkpoint(engine, cfg: TrainConfig, step: int, client_state: dict) -> Path:
-    """Collective: every rank must call it. Returns the tag folder."""
+    """Collective: every rank must call it. Returns the tag folder. Raises CheckpointSaveError on every rank if
+    any rank failed to write its part; the checkpoint is then not marked complete and `latest` is not moved."""
     root = checkpoint_dir(cfg.train.out_dir)
     tag = tag_for(step)
     rank = dist.get_rank()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     folder = root / tag
-    torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
-    dist.barrier()
+    failures: list[str] = []
+    ds_engine = engine.checkpoint_engine
+    engine.checkpoint_engine = _RecordingCheckpointEngine(ds_engine, failures)
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    finally:
+        engine.checkpoint_engine = ds_engine
+    if not failures:
+        rng_file = folder / f"rng_rank{rank}.pt"
+        try:
+            torch.save(rng_state(), rng_file)
+        except Exception as e:
+            failures.append(f"{rng_file}: {e}")
+    failed = _gather_failures(failures)
+    if not failed and rank == 0:
+        try:
+            _atomic_write(folder / CONFIG_FILE, json.dumps(to_dict(cfg), indent=2) + "\n")
+            (folder / COMPLETE).write_text(str(step) + "\n")
+            _atomic_write(root / LATEST, tag + "\n")
+        except Exception as e:
+            failures.append(f"{folder}: {e}")
+    failed = failed or _gather_failures(failures)
+    if failed:
+        latest = root / LATEST
+        previous = latest.read_text().strip() if latest.is_file() else None
+        raise CheckpointSaveError(
+            f"checkpoint {folder} was not saved: "
+            + "; ".join(f"rank {r} could not write {m}" for r, m in failed)
+            + (f". {latest} still names {previous}" if previous else ". There is no earlier complete checkpoint"))
     if rank == 0:
-        _atomic_write(folder / CONFIG_FILE, json.dumps(to_dict(cfg), indent=2) + "\n")
-        (folder / COMPLETE).write_text(str(step) + "\n")
-        _atomic_write(root / LATEST, tag + "\n")
         prune(root, cfg.train.keep_last)
     dist.barrier()
     return folder
@@ -163,31 +221,3 @@ def load_checkpoint(engine, cfg: TrainConfig, folder: Path) -> dict:
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return client_state
-
-
-class StopSignal:
-    """Turns SIGTERM/SIGINT (a cluster's pre-emption) into a request to checkpoint and stop after this step.
-
-    A second signal restores the default handler, so a stuck run can still be killed."""
-
-    def __init__(self):
-        self.requested = False
-        self.signum = None
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        self.signum = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def agreed(self, device) -> bool:
-        """True on every rank if any rank was signalled (ranks must stop at the same step to save together)."""
-        flag = torch.tensor([1 if self.requested else 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

@@ -46,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"mtp-train: {e}", file=sys.stderr)
         return 2
-    result = trainer.train()
+    from mtplm.pretrain.checkpoint import CheckpointSaveError
+
+    try:
+        result = trainer.train()
+    except CheckpointSaveError as e:
+        print(f"mtp-train: {e}", file=sys.stderr)
+        return 1
     return 0 if not result.stopped_by_signal else 143
 
 

@@ -14,13 +14,14 @@ import torch.distributed as dist
 from mtplm.model.flops import count_params, flops_per_token
 
 from .build_model import build_model, local_parameter_count
-from .checkpoint import StopSignal, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import CheckpointSaveError, load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistInfo, init_distributed
 from .ds_config import build_ds_config, precision, zero_stage
 from .metrics_log import MetricsLogger
 from .parallel_layout import build_layout, check_world_size
 from .pipeline import build_pipeline_module, gather_pipeline_state_dict
+from .preemption import StopSignal
 from .tensor_parallel import gather_full_state_dict
 
 # Dense bf16 peak of common accelerators, for MFU; override with train.peak_tflops.
@@ -79,6 +80,16 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data_loaders=None, dist_info: DistInfo | None = None):
         """data_loaders: for tests, a callable (consumed_samples, dp_rank, dp_world) -> (train, valid); by default
         built from cfg.data."""
+        # From the start: a stop signal during start-up (SIGUSR1's default action is to exit) must not kill a
+        # rank; it is honoured after the first step. train() restores the previous handlers.
+        self.stop = StopSignal()
+        try:
+            self._build(cfg, data_loaders, dist_info)
+        except BaseException:
+            self.stop.restore()
+            raise
+
+    def _build(self, cfg: TrainConfig, data_loaders, dist_info: DistInfo | None) -> None:
         self.cfg = cfg
         t = cfg.train
         # Everything that can be refused is checked before any process group exists.
@@ -277,8 +288,12 @@ class Trainer:
         return {"loss": float((weights * head_losses).sum()), "head_losses": [float(x) for x in head_losses]}
 
     def save(self) -> None:
-        folder = save_checkpoint(self.engine, self.cfg, self.step,
-                                 {"step": self.step, "consumed_samples": self.consumed_samples})
+        try:
+            folder = save_checkpoint(self.engine, self.cfg, self.step,
+                                     {"step": self.step, "consumed_samples": self.consumed_samples})
+        except CheckpointSaveError as e:
+            self.logger.info(f"error: {e}")
+            raise
         self.logger.info(f"saved checkpoint {folder}")
 
     def save_consolidated(self, folder: Path) -> Path:
@@ -305,7 +320,7 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         result = TrainResult(step=self.step)
-        stop = StopSignal()
+        stop = self.stop
         batches = iter(self.train_loader)
         samples_per_step = t.micro_batch_size * t.grad_accum_steps * self.dp_world
         tokens_per_step = samples_per_step * cfg.data.seq_len
@@ -340,7 +355,7 @@ class Trainer:
                         self.logger.write(self.step, "valid", ev, echo=True)
                     last_time = time.perf_counter()  # evaluation is not training throughput
                 if stop.agreed(self.engine.device):
-                    self.logger.info(f"stop requested (signal {stop.signum}); checkpointing at step {self.step}")
+                    self.logger.info(f"stop requested ({stop.name}); checkpointing at step {self.step}")
                     self.save()
                     result.stopped_by_signal = True
                     break

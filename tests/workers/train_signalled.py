@@ -1,0 +1,52 @@
+"""The real trainer on real data (data.datasets, DataLoader workers) or the synthetic stream, signalled the way a
+cluster signals a job; exits 143 after a requested stop, as mtp-train does.
+
+    python tests/workers/train_signalled.py [--group_sigterm_after_step K] --section.key value ...
+
+--group_sigterm_after_step K: rank 0 sends SIGTERM to its whole process group (launcher, every rank, DataLoader
+workers: what scancel, docker stop or `kill -- -PGID` do) at the start of step K + 1.
+"""
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from train_synthetic import SyntheticLoader, pop_flag
+
+from mtplm.pretrain.distributed import init_distributed
+from mtplm.pretrain.train import parse_args
+from mtplm.pretrain.trainer import Trainer
+
+
+class SignalledTrainer(Trainer):
+    group_sigterm_after = None
+
+    def train_step(self, batches):
+        if self.step == self.group_sigterm_after and self.dist.rank == 0:
+            os.killpg(os.getpgid(0), signal.SIGTERM)
+        return super().train_step(batches)
+
+
+def main():
+    argv = sys.argv[1:]
+    SignalledTrainer.group_sigterm_after = pop_flag(argv, "--group_sigterm_after_step")
+    cfg = parse_args(argv)
+    info = init_distributed()
+    loaders = None
+    if not cfg.data.datasets:
+        extra = cfg.model.n_future_tokens
+        loaders = lambda consumed, dp_rank, dp_world: (SyntheticLoader(cfg, dp_rank, dp_world, extra, consumed), None)
+    result = SignalledTrainer(cfg, data_loaders=loaders, dist_info=info).train()
+    if info.rank == 0:
+        Path(cfg.train.out_dir, "train_log.json").write_text(json.dumps({"train": result.train_log,
+                                                                          "step": result.step}))
+    dist.barrier()
+    sys.exit(143 if result.stopped_by_signal else 0)
+
+
+if __name__ == "__main__":
+    main()
