@@ -10,7 +10,7 @@ class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type, or impossible. The message names the key."""
 
 
-ROPE_SCALING_TYPES = ("linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3")
 # Meta's constants for Llama 3.1's rope scaling (params.json `use_scaled_rope: true`).
 LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 META_ROPE_SCALING_FACTOR = 8.0
@@ -20,6 +20,7 @@ META_ROPE_SCALING_FACTOR = 8.0
 class RopeScaling:
     """Rotary frequency scaling for contexts beyond pretraining; the rope_scaling of transformers' Llama.
 
+    default: none (factor 1).
     linear: every frequency divided by factor (position interpolation).
     llama3: Llama 3.1's rule: wavelengths longer than original_max_position_embeddings / low_freq_factor are
         divided by factor, those shorter than original_max_position_embeddings / high_freq_factor are kept, and
@@ -27,8 +28,8 @@ class RopeScaling:
         params.json `use_scaled_rope: true` is llama3 with factor 8 and those constants.
     """
 
-    rope_type: str
-    factor: float
+    rope_type: str = "default"
+    factor: float = 1.0
     low_freq_factor: float | None = None
     high_freq_factor: float | None = None
     original_max_position_embeddings: int | None = None
@@ -49,12 +50,13 @@ class RopeScaling:
             v = getattr(self, key)
             return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-        need(self.rope_type in ROPE_SCALING_TYPES, "rope_type",
-             f"must be one of {', '.join(ROPE_SCALING_TYPES)}, got {self.rope_type!r}")
+        need(self.rope_type in ROPE_TYPES, "rope_type", f"must be one of {', '.join(ROPE_TYPES)}, got {self.rope_type!r}")
         need(number("factor") and self.factor >= 1, "factor", f"must be a number >= 1, got {self.factor!r}")
-        if self.rope_type == "linear":
+        if self.rope_type != "llama3":
+            need(self.rope_type == "linear" or self.factor == 1, "factor",
+                 f"must be 1 with rope_type default (no scaling), got {self.factor}")
             for key in LLAMA3_ROPE_DEFAULTS:
-                need(getattr(self, key) is None, key, "is used by rope_type llama3 only; leave it unset for linear")
+                need(getattr(self, key) is None, key, f"is used by rope_type llama3 only, not {self.rope_type}")
             return
         for key in ("low_freq_factor", "high_freq_factor"):
             need(number(key) and getattr(self, key) > 0, key, f"must be a number > 0, got {getattr(self, key)!r}")
@@ -104,8 +106,8 @@ class ModelConfig:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # None: plain rotary embeddings. Imported from Hugging Face's rope_scaling or Meta's use_scaled_rope.
-    rope_scaling: RopeScaling | None = None
+    # Imported from Hugging Face's rope_scaling or Meta's use_scaled_rope; rope_type default is none.
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     max_seq_len: int = 2048
     n_future_tokens: int = 1
     tie_embeddings: bool = False
@@ -118,6 +120,8 @@ class ModelConfig:
     vocab_pad_multiple: int = 64
 
     def __post_init__(self) -> None:
+        if self.rope_scaling is None:
+            self.rope_scaling = RopeScaling()
         if isinstance(self.rope_scaling, dict):  # from JSON (params.json, mtp_config.json)
             known = {f.name for f in fields(RopeScaling)}
             unknown = sorted(set(self.rope_scaling) - known)
@@ -148,10 +152,9 @@ class ModelConfig:
         need(self.n_heads % kv == 0, "n_kv_heads", f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({kv})")
         need(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
         need(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
-        need(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), "rope_scaling",
-             f"must be a mapping of rope_type, factor, ... or null, got {self.rope_scaling!r}")
-        if self.rope_scaling is not None:
-            self.rope_scaling.validate()
+        need(isinstance(self.rope_scaling, RopeScaling), "rope_scaling",
+             f"must be a mapping of rope_type, factor, ..., got {self.rope_scaling!r}")
+        self.rope_scaling.validate()
         if self.ffn_dim_multiplier is not None:
             need(self.ffn_dim_multiplier > 0, "ffn_dim_multiplier", f"must be > 0, got {self.ffn_dim_multiplier}")
         if self.head_loss_weights:
@@ -202,7 +205,7 @@ class ModelConfig:
             "rope_theta": self.rope_theta,
             "n_future_tokens": self.n_future_tokens,
         }
-        if self.rope_scaling is not None:
+        if self.rope_scaling.rope_type != "default":
             if self.rope_scaling != RopeScaling("llama3", META_ROPE_SCALING_FACTOR):
                 raise ConfigError(f"model.rope_scaling: {self.rope_scaling} has no params.json form (Meta's only "
                                   f"scaling is use_scaled_rope: llama3 with factor {META_ROPE_SCALING_FACTOR}, "

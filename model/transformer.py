@@ -45,7 +45,7 @@ def rotary_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
     s = cfg.rope_scaling
-    if s is None:
+    if s.rope_type == "default":
         return inv_freq
     if s.rope_type == "linear":
         return inv_freq / s.factor

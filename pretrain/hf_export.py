@@ -32,7 +32,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def hf_rope_scaling(cfg) -> dict | None:
     """transformers' rope_scaling for our model's (read as rope_parameters by transformers 5)."""
     s = cfg.rope_scaling
-    if s is None:
+    if s.rope_type == "default":
         return None
     keys = ("factor",) if s.rope_type == "linear" else ("factor", "low_freq_factor", "high_freq_factor",
                                                          "original_max_position_embeddings")

@@ -52,7 +52,7 @@ def _refuse(where, key: str, value, why: str):
     raise ValueError(f"{where}: {key} = {value!r} {why}; this import reproduces the source model exactly or not at all")
 
 
-def hf_rope(hf: dict, where) -> tuple[float, RopeScaling | None]:
+def hf_rope(hf: dict, where) -> tuple[float, RopeScaling]:
     """(rope_theta, scaling) as transformers reads them: rope_scaling (transformers 4) over rope_parameters (5)."""
     key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     rope = hf.get(key) or {}
@@ -67,7 +67,7 @@ def hf_rope(hf: dict, where) -> tuple[float, RopeScaling | None]:
         _refuse(where, f"{key}.partial_rotary_factor", rope["partial_rotary_factor"], "is not supported (only 1.0)")
     theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
     if rope_type == "default":
-        return theta, None
+        return theta, RopeScaling()
     for k in ("factor", "low_freq_factor", "high_freq_factor") if rope_type == "llama3" else ("factor",):
         if k not in rope:  # transformers needs it too: no default is filled in here
             _refuse(where, key, rope, f"lacks {k}, which rope_type {rope_type!r} requires")
