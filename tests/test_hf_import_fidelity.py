@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_model_config
+from mtplm.inference.kv_cache import ModelKVCache
 from mtplm.inference.speculative import MTPGenerator
 from mtplm.model.config import ModelConfig, RopeScaling, ffn_rule_for, meta_ffn_width
 from mtplm.model.transformer import MTPTransformer, rotary_frequencies
@@ -135,13 +136,27 @@ def test_meta_use_scaled_rope_is_llama3_with_metas_constants(tmp_path):
 
 @pytest.mark.parametrize("rope", ["linear", "llama3"])
 def test_cached_decoding_with_scaled_rope_equals_cache_free(rope):
-    """Decoding reads the rope through the model: cached and draft steps past the original context stay exact."""
-    cfg = tiny_model_config(vocab_size=64, vocab_pad_multiple=8, max_seq_len=256,
+    """Decoding reads the rope through the model: cached steps past the original context give the cache-free
+    logits, and speculative greedy decoding the cache-free greedy tokens."""
+    cfg = tiny_model_config(vocab_size=64, vocab_pad_multiple=8, max_seq_len=256, init_std=0.2,
                             rope_scaling=RopeScaling(**ROPE[rope]))
     model = MTPTransformer(cfg).eval()
-    prompt = torch.randint(0, 64, (60,)).tolist()
-    prompts = [prompt, prompt[:7]]
-    out, _ = MTPGenerator(model).generate(prompts, 20, draft_heads=3)
+    gen = MTPGenerator(model)
+    seqs = torch.randint(0, 64, (2, 100))
+    want = logits(model, seqs)
+    cache = ModelKVCache(model, 2, 100)
+    starts = [0, 0]
+    with torch.no_grad():
+        for row_steps in ([60, 50], [5, 7], [20, 30]):
+            width = max(row_steps)
+            step = torch.stack([seqs[b, starts[b]:starts[b] + width] for b in range(2)])
+            got, _ = gen._forward(cache, step, 4)
+            for b, n in enumerate(row_steps):
+                torch.testing.assert_close(got[b, :n], want[b, starts[b]:starts[b] + n], atol=1e-4, rtol=1e-4)
+            starts = [s + n for s, n in zip(starts, row_steps)]
+            cache.lengths = torch.tensor(starts)
+    prompts = [seqs[0, :60].tolist(), seqs[1, :7].tolist()]
+    out, _ = gen.generate(prompts, 20, draft_heads=3)
     for p, o in zip(prompts, out):
         # greedy decoding is right iff each generated token is the argmax of the cache-free logits before it
         assert logits(model, torch.tensor([p + o]))[0, len(p) - 1:-1].argmax(-1).tolist() == o
@@ -299,3 +314,12 @@ def test_missing_hf_shard_is_named(tmp_path, capsys):
     shards[1].unlink()
     err = one_line_error(capsys, [str(tmp_path / "sharded"), str(tmp_path / "out")])
     assert f"names {shards[1].name}, missing from" in err
+
+
+def test_pipeline_stages_use_the_models_rope():
+    from mtplm.pretrain.pipeline import rope_for
+
+    model = MTPTransformer(tiny_model_config(rope_scaling=RopeScaling(**ROPE["llama3"])))
+    h = torch.zeros(1, 100, model.cfg.dim)
+    for got, want in zip(rope_for(h, model.cfg), model.rope(torch.arange(100).unsqueeze(0))):
+        assert torch.equal(got, want)
