@@ -82,16 +82,16 @@ def check_shapes(found: dict, expected: dict, origin, implied_by: str, hint=None
         raise ValueError(problems[0] + more)
 
 
-def _meta_state_dict(cfg: ModelConfig) -> dict:
+def _shape_only_state_dict(cfg: ModelConfig) -> dict:
     """Our state dict as shapes only (meta tensors), padded vocabulary included."""
     with torch.device("meta"):
         return MTPTransformer(cfg).state_dict()
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict:
+def _unpadded_shapes(cfg: ModelConfig) -> dict:
     """Our state dict's shapes with the vocabulary unpadded, as Meta's files store it."""
     return {k: (cfg.vocab_size, v.shape[1]) if k in ("tok_embeddings.weight", "output.weight") else tuple(v.shape)
-            for k, v in _meta_state_dict(cfg).items()}
+            for k, v in _shape_only_state_dict(cfg).items()}
 
 
 def load_hf_export(path: str | Path, n_future_tokens: int | None = None) -> MTPTransformer:
@@ -106,10 +106,13 @@ def load_hf_export(path: str | Path, n_future_tokens: int | None = None) -> MTPT
         hf_cfg = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(hf_cfg, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(hf_cfg).__name__}")
     mtp = json.loads((folder / MTP_CONFIG).read_text()) if (folder / MTP_CONFIG).is_file() else None
     n_hf = hf_cfg.get("num_hidden_layers")
     use_mtp = mtp is not None and n_future_tokens in (None, mtp["n_future_tokens"])
-    cfg = hf_model_config(hf_cfg, mtp["n_future_tokens"] if use_mtp else n_future_tokens or 1, config_file)
+    n = mtp["n_future_tokens"] if use_mtp else 1 if n_future_tokens is None else n_future_tokens
+    cfg = hf_model_config(hf_cfg, n, config_file)
     if use_mtp:  # our own export: its config also keeps what config.json has no field for (loss weights, ...)
         ours = ModelConfig(**mtp["model"])
         for key in ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "ffn_hidden_dim", "norm_eps", "rope_theta",
@@ -122,7 +125,7 @@ def load_hf_export(path: str | Path, n_future_tokens: int | None = None) -> MTPT
     weights = {k: v for k, v in weights.items() if not k.endswith(_DERIVED)}
     if cfg.tie_embeddings:  # transformers ties lm_head to the embedding whatever the file holds
         weights.pop("lm_head.weight", None)
-    expected, expected_heads = (_shapes(t) for t in to_hf(_meta_state_dict(cfg), cfg))
+    expected, expected_heads = (_shapes(t) for t in to_hf(_shape_only_state_dict(cfg), cfg))
     check_shapes(_shapes(weights), expected, origin.get, config_file.name)
     heads_file = folder / HEADS_FILE
     heads = _read_safetensors(heads_file) if heads_file.is_file() else {}
@@ -148,6 +151,8 @@ def load_meta_native(path: str | Path) -> MTPTransformer:
         params = json.loads(params_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{params_file}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{params_file}: expected a JSON object, got {type(params).__name__}")
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise FileNotFoundError(f"{folder}: no consolidated.*.pth")
@@ -188,7 +193,7 @@ def load_meta_native(path: str | Path) -> MTPTransformer:
         return ""
 
     joined = shards[0].name if len(shards) == 1 else f"{shards[0].name} .. {shards[-1].name} joined"
-    check_shapes(_shapes(sd), _expected_shapes(cfg), lambda _: joined, params_file.name, hint)
+    check_shapes(_shapes(sd), _unpadded_shapes(cfg), lambda _: joined, params_file.name, hint)
     Vp = cfg.padded_vocab_size
     for key in ("tok_embeddings.weight", "output.weight"):
         if sd[key].shape[0] < Vp:
