@@ -3,11 +3,94 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type, or impossible. The message names the key."""
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
+# Meta's constants for Llama 3.1's rope scaling (params.json `use_scaled_rope: true`).
+LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+META_ROPE_SCALING_FACTOR = 8.0
+
+
+@dataclass
+class RopeScaling:
+    """Rotary frequency scaling for contexts beyond pretraining; the rope_scaling of transformers' Llama.
+
+    default: none (factor 1).
+    linear: every frequency divided by factor (position interpolation).
+    llama3: Llama 3.1's rule: wavelengths longer than original_max_position_embeddings / low_freq_factor are
+        divided by factor, those shorter than original_max_position_embeddings / high_freq_factor are kept, and
+        those between are interpolated. Unset llama3 fields take Meta's constants (1, 4, 8192); Meta's
+        params.json `use_scaled_rope: true` is llama3 with factor 8 and those constants.
+    """
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.rope_type == "llama3":
+            for key, value in LLAMA3_ROPE_DEFAULTS.items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"model.rope_scaling.{key}: {msg}")
+
+        def number(key: str) -> bool:
+            v = getattr(self, key)
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        need(self.rope_type in ROPE_TYPES, "rope_type", f"must be one of {', '.join(ROPE_TYPES)}, got {self.rope_type!r}")
+        need(number("factor") and self.factor >= 1, "factor", f"must be a number >= 1, got {self.factor!r}")
+        if self.rope_type != "llama3":
+            need(self.rope_type == "linear" or self.factor == 1, "factor",
+                 f"must be 1 with rope_type default (no scaling), got {self.factor}")
+            for key in LLAMA3_ROPE_DEFAULTS:
+                need(getattr(self, key) is None, key, f"is used by rope_type llama3 only, not {self.rope_type}")
+            return
+        for key in ("low_freq_factor", "high_freq_factor"):
+            need(number(key) and getattr(self, key) > 0, key, f"must be a number > 0, got {getattr(self, key)!r}")
+        need(self.high_freq_factor > self.low_freq_factor, "high_freq_factor",
+             f"must be greater than low_freq_factor ({self.low_freq_factor}), got {self.high_freq_factor}")
+        omp = self.original_max_position_embeddings
+        need(isinstance(omp, int) and not isinstance(omp, bool) and omp >= 1, "original_max_position_embeddings",
+             f"must be an integer >= 1, got {omp!r}")
+
+
+def meta_ffn_width(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's Llama rule: 2/3 of 4*dim, scaled, rounded up to a multiple of multiple_of."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * -(-hidden // multiple_of)
+
+
+def ffn_rule_for(dim: int, width: int) -> tuple[int, float | None] | None:
+    """(multiple_of, ffn_dim_multiplier) with which Meta's rule gives exactly `width` at `dim`, or None.
+
+    The plain rule (no multiplier) with one of Meta's multiple_of values is preferred. Otherwise multiple_of=1 and
+    a multiplier: int(mult * base) == width for every mult in [width / base, (width + 1) / base), and the middle
+    of that interval stays inside it whatever the float rounding (its ends do not: int(57 / 213 * 213) is 56).
+    """
+    for multiple_of in (4096, 2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if meta_ffn_width(dim, multiple_of, None) == width:
+            return multiple_of, None
+    base = int(2 * 4 * dim / 3)
+    if width >= 1 and base >= 1:
+        mult = (2 * width + 1) / (2 * base)
+        if meta_ffn_width(dim, 1, mult) == width:
+            return 1, mult
+    return None
 
 
 @dataclass
@@ -23,6 +106,8 @@ class ModelConfig:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Imported from Hugging Face's rope_scaling or Meta's use_scaled_rope; rope_type default is none.
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     max_seq_len: int = 2048
     n_future_tokens: int = 1
     tie_embeddings: bool = False
@@ -35,6 +120,15 @@ class ModelConfig:
     vocab_pad_multiple: int = 64
 
     def __post_init__(self) -> None:
+        if self.rope_scaling is None:
+            self.rope_scaling = RopeScaling()
+        if isinstance(self.rope_scaling, dict):  # from JSON (params.json, mtp_config.json)
+            known = {f.name for f in fields(RopeScaling)}
+            unknown = sorted(set(self.rope_scaling) - known)
+            if unknown:
+                raise ConfigError(f"model.rope_scaling: unknown keys {', '.join(unknown)}; valid keys: "
+                                  f"{', '.join(sorted(known))}")
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
         self.validate()
 
     def validate(self) -> None:
@@ -58,6 +152,9 @@ class ModelConfig:
         need(self.n_heads % kv == 0, "n_kv_heads", f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({kv})")
         need(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
         need(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        need(isinstance(self.rope_scaling, RopeScaling), "rope_scaling",
+             f"must be a mapping of rope_type, factor, ..., got {self.rope_scaling!r}")
+        self.rope_scaling.validate()
         if self.ffn_dim_multiplier is not None:
             need(self.ffn_dim_multiplier > 0, "ffn_dim_multiplier", f"must be > 0, got {self.ffn_dim_multiplier}")
         if self.head_loss_weights:
@@ -84,11 +181,7 @@ class ModelConfig:
 
     @property
     def ffn_hidden_dim(self) -> int:
-        # Meta's Llama rule: 2/3 of 4*dim, scaled, rounded up to a multiple of multiple_of.
-        hidden = int(2 * 4 * self.dim / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+        return meta_ffn_width(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -112,4 +205,10 @@ class ModelConfig:
             "rope_theta": self.rope_theta,
             "n_future_tokens": self.n_future_tokens,
         }
+        if self.rope_scaling.rope_type != "default":
+            if self.rope_scaling != RopeScaling("llama3", META_ROPE_SCALING_FACTOR):
+                raise ConfigError(f"model.rope_scaling: {self.rope_scaling} has no params.json form (Meta's only "
+                                  f"scaling is use_scaled_rope: llama3 with factor {META_ROPE_SCALING_FACTOR}, "
+                                  f"low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192)")
+            out["use_scaled_rope"] = True
         return out

@@ -12,6 +12,7 @@ With n_future_tokens = 1 there are no extra heads and this is a plain Llama mode
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +39,29 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """The rotation frequency of each channel pair, (head_dim/2,) in fp32, with cfg.rope_scaling applied
+    (computed in the order transformers' Llama does, so an export reproduces our logits)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    s = cfg.rope_scaling
+    if s.rope_type == "default":
+        return inv_freq
+    if s.rope_type == "linear":
+        return inv_freq / s.factor
+    # llama3: long wavelengths (slow pairs, which encode far positions) are stretched by `factor`, short ones
+    # (local detail) are kept, and those between are blended by where their wavelength falls.
+    wavelen = 2 * math.pi / inv_freq
+    context = s.original_max_position_embeddings
+    smooth = (context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    scaled = torch.where(wavelen > context / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+    between = (wavelen >= context / s.high_freq_factor) & (wavelen <= context / s.low_freq_factor)
+    return torch.where(between, (1 - smooth) * scaled / s.factor + smooth * scaled, scaled)
+
+
+def rotary_tables(positions: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (B or 1, T, head_dim/2) for integer positions of shape (B or 1, T)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    angles = positions.to(torch.float32).unsqueeze(-1) * rotary_frequencies(cfg, positions.device)
     return angles.cos(), angles.sin()
 
 
@@ -204,7 +224,7 @@ class MTPTransformer(nn.Module):
         return [self.norm.weight, self.output.weight]
 
     def rope(self, positions: torch.Tensor):
-        return rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        return rotary_tables(positions, self.cfg)
 
     def trunk(self, tokens, rope, caches=None, attn_mask=None):
         """Embedding and the shared blocks; returns the input of every head's block."""

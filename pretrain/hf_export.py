@@ -29,10 +29,20 @@ MTP_CONFIG = "mtp_config.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def hf_rope_scaling(cfg) -> dict | None:
+    """transformers' rope_scaling for our model's (read as rope_parameters by transformers 5)."""
+    s = cfg.rope_scaling
+    if s.rope_type == "default":
+        return None
+    keys = ("factor",) if s.rope_type == "linear" else ("factor", "low_freq_factor", "high_freq_factor",
+                                                         "original_max_position_embeddings")
+    return {"rope_type": s.rope_type, **{k: getattr(s, k) for k in keys}}
+
+
 def llama_config(cfg, dtype: torch.dtype, eod_id: int | None, bos_id: int | None):
     from transformers import LlamaConfig
 
-    return LlamaConfig(
+    return LlamaConfig(rope_scaling=hf_rope_scaling(cfg),
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_hidden_dim,
         num_hidden_layers=main_stack_layers(cfg), num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.kv_heads, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,

@@ -22,98 +22,182 @@ from mtplm.model.transformer import MTPTransformer
 from mtplm.model.weights import save_model
 
 from .hf_export import HEADS_FILE, MTP_CONFIG
+from .import_config import hf_model_config, meta_model_config
 
 # Meta's model-parallel shards: dimension each weight is split along (None: replicated).
 _META_SPLIT = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
+# Derived buffers some checkpoints carry; the model computes them.
+_DERIVED = ("rotary_emb.inv_freq", "rope.freqs")
 
 
-def _hf_weights(folder: Path) -> dict:
+def _read_safetensors(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _hf_weights(folder: Path) -> tuple[dict, dict]:
+    """(tensors, file each tensor came from)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        sd = {}
-        for f in files:
-            sd.update(load_file(str(folder / f)))
-        return sd
-    single = folder / "model.safetensors"
-    if not single.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index (no weight_map: {e})") from None
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names {', '.join(missing)}, missing from {folder}")
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
         raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    return load_file(str(single))
+    sd, origin = {}, {}
+    for f in files:
+        part = _read_safetensors(folder / f)
+        sd.update(part)
+        origin.update(dict.fromkeys(part, f))
+    return sd, origin
+
+
+def _shapes(tensors: dict) -> dict:
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def check_shapes(found: dict, expected: dict, origin, implied_by: str, hint=None) -> None:
+    """Every expected tensor present with its shape, nothing else: else one line naming the first problem (and
+    how many others), instead of load_state_dict's screenful. origin(name) says where a tensor was read from."""
+    problems = []
+    for name, shape in expected.items():
+        if name not in found:
+            problems.append(f"tensor {name} is missing ({implied_by} implies shape {list(shape)})")
+        elif found[name] != shape:
+            problems.append(f"{name} in {origin(name)} has shape {list(found[name])}, {implied_by} implies "
+                            f"{list(shape)}" + (hint(name, found[name], shape) if hint else ""))
+    problems += [f"unexpected tensor {name} in {origin(name)}" for name in found if name not in expected]
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise ValueError(problems[0] + more)
+
+
+def _shape_only_state_dict(cfg: ModelConfig) -> dict:
+    """Our state dict as shapes only (meta tensors), padded vocabulary included."""
+    with torch.device("meta"):
+        return MTPTransformer(cfg).state_dict()
+
+
+def _unpadded_shapes(cfg: ModelConfig) -> dict:
+    """Our state dict's shapes with the vocabulary unpadded, as Meta's files store it."""
+    return {k: (cfg.vocab_size, v.shape[1]) if k in ("tok_embeddings.weight", "output.weight") else tuple(v.shape)
+            for k, v in _shape_only_state_dict(cfg).items()}
 
 
 def load_hf_export(path: str | Path, n_future_tokens: int | None = None) -> MTPTransformer:
     """Our model from a Hugging Face Llama folder; the heads come from mtp_heads.safetensors when present."""
-    from .hf_layout import from_hf
+    from .hf_layout import from_hf, to_hf
 
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    hf_cfg = json.loads(config_file.read_text())
-    if hf_cfg.get("model_type") != "llama":
-        raise ValueError(f"{config_file}: model_type is {hf_cfg.get('model_type')!r}; only llama is supported")
+    try:
+        hf_cfg = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(hf_cfg, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(hf_cfg).__name__}")
     mtp = json.loads((folder / MTP_CONFIG).read_text()) if (folder / MTP_CONFIG).is_file() else None
-    n_hf = hf_cfg["num_hidden_layers"]
-    if mtp is not None and n_future_tokens in (None, mtp["n_future_tokens"]):
-        cfg = ModelConfig(**mtp["model"])
-    else:
-        n = n_future_tokens or 1
-        head_dim = hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // hf_cfg["num_attention_heads"]
-        if head_dim * hf_cfg["num_attention_heads"] != hf_cfg["hidden_size"]:
-            raise ValueError(f"{config_file}: head_dim {head_dim} x heads != hidden_size; not supported")
-        cfg = ModelConfig(
-            dim=hf_cfg["hidden_size"], n_layers=n_hf + n - 1, n_heads=hf_cfg["num_attention_heads"],
-            n_kv_heads=hf_cfg.get("num_key_value_heads"), vocab_size=hf_cfg["vocab_size"], multiple_of=1,
-            ffn_dim_multiplier=None, norm_eps=hf_cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=float((hf_cfg.get("rope_parameters") or {}).get("rope_theta", hf_cfg.get("rope_theta", 10000.0))),
-            max_seq_len=hf_cfg.get("max_position_embeddings", 2048), n_future_tokens=n,
-            tie_embeddings=bool(hf_cfg.get("tie_word_embeddings", False)))
-        # Llama's FFN width is not always Meta's rounding rule of dim: take it from the weights.
-        if cfg.ffn_hidden_dim != hf_cfg["intermediate_size"]:
-            cfg = _with_ffn(cfg, hf_cfg["intermediate_size"], config_file)
+    n_hf = hf_cfg.get("num_hidden_layers")
+    use_mtp = mtp is not None and n_future_tokens in (None, mtp["n_future_tokens"])
+    n = mtp["n_future_tokens"] if use_mtp else 1 if n_future_tokens is None else n_future_tokens
+    cfg = hf_model_config(hf_cfg, n, config_file)
+    if use_mtp:  # our own export: its config also keeps what config.json has no field for (loss weights, ...)
+        ours = ModelConfig(**mtp["model"])
+        for key in ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "ffn_hidden_dim", "norm_eps", "rope_theta",
+                    "rope_scaling", "tie_embeddings"):
+            if getattr(ours, key) != getattr(cfg, key):
+                raise ValueError(f"{folder / MTP_CONFIG}: model {key} {getattr(ours, key)} disagrees with "
+                                 f"{config_file} ({getattr(cfg, key)})")
+        cfg = ours
+    weights, origin = _hf_weights(folder)
+    weights = {k: v for k, v in weights.items() if not k.endswith(_DERIVED)}
+    if cfg.tie_embeddings:  # transformers ties lm_head to the embedding whatever the file holds
+        weights.pop("lm_head.weight", None)
+    expected, expected_heads = (_shapes(t) for t in to_hf(_shape_only_state_dict(cfg), cfg))
+    check_shapes(_shapes(weights), expected, origin.get, config_file.name)
     heads_file = folder / HEADS_FILE
-    heads = load_file(str(heads_file)) if heads_file.is_file() else {}
-    sd = from_hf({k: v.float() for k, v in _hf_weights(folder).items()}, {k: v.float() for k, v in heads.items()},
-                 cfg, n_hf)
+    heads = _read_safetensors(heads_file) if heads_file.is_file() else {}
+    # Heads past n_future_tokens - 1 are dropped on request (--n-future-tokens below the export's); heads missing
+    # from the file start as copies of head 1. A head that is there must be whole.
+    kept = {str(j) for j in range(cfg.n_future_tokens - 1)}
+    heads = {k: v for k, v in heads.items()
+             if not (k.startswith("extra_heads.") and k.split(".")[1].isdigit() and k.split(".")[1] not in kept)}
+    present = {k.split(".")[1] for k in heads}
+    check_shapes(_shapes(heads), {k: v for k, v in expected_heads.items() if k.split(".")[1] in present},
+                 lambda _: HEADS_FILE, config_file.name)
+    sd = from_hf({k: v.float() for k, v in weights.items()}, {k: v.float() for k, v in heads.items()}, cfg, n_hf)
     model = MTPTransformer(cfg)
     model.load_state_dict(sd, strict=True)
     return model
 
 
-def _with_ffn(cfg: ModelConfig, hidden: int, where: Path) -> ModelConfig:
-    """Find ffn_dim_multiplier/multiple_of that reproduce an FFN width (Meta's rule has both)."""
-    for multiple_of in (1, 256, 128, 64, 32, 16, 8):
-        base = int(2 * 4 * cfg.dim / 3)
-        for mult in (None, hidden / base):
-            kw = dict(cfg.__dict__, multiple_of=multiple_of, ffn_dim_multiplier=mult)
-            candidate = ModelConfig(**kw)
-            if candidate.ffn_hidden_dim == hidden:
-                return candidate
-    raise ValueError(f"{where}: intermediate_size {hidden} cannot be expressed with Meta's FFN rule for dim {cfg.dim}")
-
-
 def load_meta_native(path: str | Path) -> MTPTransformer:
     """Meta's release format: params.json + consolidated.00.pth (.. .NN.pth for model-parallel shards)."""
     folder = Path(path)
-    params = json.loads((folder / "params.json").read_text())
-    known = {f for f in ModelConfig.__dataclass_fields__}
-    cfg = ModelConfig(**{k: v for k, v in params.items() if k in known})
+    params_file = folder / "params.json"
+    try:
+        params = json.loads(params_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{params_file}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{params_file}: expected a JSON object, got {type(params).__name__}")
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise FileNotFoundError(f"{folder}: no consolidated.*.pth")
-    parts = [torch.load(s, map_location="cpu", weights_only=True) for s in shards]
+    ranks = [s.name.split(".")[1] for s in shards]
+    if not all(r.isdigit() for r in ranks):
+        raise ValueError(f"{folder}: shard names must be consolidated.NN.pth, got {', '.join(s.name for s in shards)}")
+    missing = sorted(set(range(max(map(int, ranks)) + 1)) - set(map(int, ranks)))
+    if missing:
+        raise FileNotFoundError(f"{folder}: model-parallel shard consolidated.{missing[0]:02d}.pth is missing "
+                                f"(found {', '.join(s.name for s in shards)})")
+    parts = []
+    for s in shards:
+        try:
+            parts.append(torch.load(s, map_location="cpu", weights_only=True))
+        except Exception as e:  # torch raises several types for a damaged or truncated file
+            raise ValueError(f"{s}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    for s, p in zip(shards[1:], parts[1:]):
+        if p.keys() != parts[0].keys():
+            name = sorted(p.keys() ^ parts[0].keys())[0]
+            raise ValueError(f"{s} and {shards[0].name} hold different tensors (e.g. {name})")
+    emb = parts[0].get("tok_embeddings.weight")
+    cfg = meta_model_config(params, emb.shape[0] if emb is not None else -1, params_file)
     sd = {}
     for name in parts[0]:
-        if name.endswith("rope.freqs"):
+        if name.endswith(_DERIVED):
             continue
-        kind = name.split(".")[-2]
-        dim = _META_SPLIT.get(kind)
+        dim = _META_SPLIT.get(name.split(".")[-2])
         tensors = [p[name] for p in parts]
         sd[name] = tensors[0] if dim is None or len(tensors) == 1 else torch.cat(tensors, dim=dim)
-    V, Vp = cfg.vocab_size, cfg.padded_vocab_size
+
+    def hint(name, got, want):
+        dim = _META_SPLIT.get(name.split(".")[-2])
+        per = got[dim] // len(shards) if dim is not None and got[dim] % len(shards) == 0 else 0
+        if per and want[dim] % per == 0 and got[1 - dim] == want[1 - dim]:
+            total = want[dim] // per
+            if total > len(shards):
+                return f": the checkpoint is split into {total} model-parallel shards and {len(shards)} are here"
+        return ""
+
+    joined = shards[0].name if len(shards) == 1 else f"{shards[0].name} .. {shards[-1].name} joined"
+    check_shapes(_shapes(sd), _unpadded_shapes(cfg), lambda _: joined, params_file.name, hint)
+    Vp = cfg.padded_vocab_size
     for key in ("tok_embeddings.weight", "output.weight"):
-        if key in sd and sd[key].shape[0] < Vp:
-            sd[key] = torch.cat([sd[key], sd[key].new_zeros(Vp - V, sd[key].shape[1])])
+        if sd[key].shape[0] < Vp:
+            sd[key] = torch.cat([sd[key], sd[key].new_zeros(Vp - sd[key].shape[0], sd[key].shape[1])])
     model = MTPTransformer(cfg)
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     return model

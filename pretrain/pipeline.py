@@ -22,7 +22,7 @@ from mtplm.model.transformer import MTPTransformer, rotary_tables
 
 def rope_for(h: torch.Tensor, cfg):
     positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-    return rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+    return rotary_tables(positions, cfg)
 
 
 class EmbeddingStage(nn.Module):

@@ -109,3 +109,36 @@ def test_flops_split_trunk_and_heads():
     # parameter-matched: the same block count, but n=4 pays three more unembeddings
     unembed = 2 * cfg.dim * cfg.padded_vocab_size
     assert f4.training - f1.training == pytest.approx(3 * 3 * unembed)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"rope_type": "yarn", "factor": 2}, "model.rope_scaling.rope_type: must be one of default, linear, llama3"),
+    ({"rope_type": "linear", "factor": 0.5}, "model.rope_scaling.factor: must be a number >= 1, got 0.5"),
+    ({"rope_type": "linear", "factor": 2, "low_freq_factor": 1}, "model.rope_scaling.low_freq_factor: is used by"),
+    ({"factor": 2}, "model.rope_scaling.factor: must be 1 with rope_type default"),
+    ({"rope_type": "llama3", "factor": 8, "high_freq_factor": 1}, "high_freq_factor: must be greater than"),
+    ({"rope_type": "llama3", "factor": 8, "original_max_position_embeddings": 0}, "must be an integer >= 1, got 0"),
+    ({"beta": 1}, "unknown key model.rope_scaling.beta"),
+])
+def test_rope_scaling_is_a_validated_training_config_field(override, message):
+    from mtplm.model.config import ConfigError
+    from mtplm.pretrain.config import TrainConfig, load_config
+
+    args = [a for k, v in override.items() for a in (f"--model.rope_scaling.{k}", str(v))]
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(TrainConfig, None, args)
+    with pytest.raises(ConfigError, match="model.rope_scaling"):  # params.json / mtp_config.json path
+        tiny_model_config(rope_scaling=override)
+
+
+def test_rope_scaling_round_trips_through_saved_configs():
+    import dataclasses
+
+    from mtplm.model.config import ModelConfig, RopeScaling
+    from mtplm.pretrain.config import TrainConfig, load_config
+
+    args = ["--model.rope_scaling.rope_type", "llama3", "--model.rope_scaling.factor", "8"]
+    cfg = load_config(TrainConfig, None, args).model
+    assert cfg.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)  # Meta's constants fill the rest
+    assert ModelConfig(**dataclasses.asdict(cfg)) == cfg
+    assert tiny_model_config(rope_scaling=None).rope_scaling == RopeScaling()  # null in a JSON config: none
