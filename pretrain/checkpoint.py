@@ -189,7 +189,7 @@ def decide_resume(cfg: TrainConfig) -> Path | None:
     """Collective. Rank 0 decides what to resume from (or that there is nothing) and checks the configuration
     against that checkpoint once; every rank then checks it can read the very same checkpoint, and if one cannot,
     all stop together. Ranks that looked on their own could pick different checkpoints and train apart."""
-    from .consistency import RunRefused, broadcast, refuse_together
+    from .consistency import broadcast, refuse_together, stop_together
 
     t = cfg.train
     decision = None
@@ -203,7 +203,7 @@ def decide_resume(cfg: TrainConfig) -> Path | None:
             decision = {"tag": None, "error": str(e)}
     decision = broadcast(decision)
     if decision["error"]:
-        raise RunRefused(decision["error"])
+        stop_together(decision["error"])
     if decision["tag"] is None:
         return None
     # `auto` is relative to each rank's own out_dir (nodes may mount the shared filesystem at different paths).
@@ -234,7 +234,7 @@ def data_problem(folder: Path, saved: dict, data_fp: dict | None, cfg_tokenizer:
 def load_checkpoint(engine, cfg: TrainConfig, folder: Path, data_fp: dict | None = None) -> dict:
     """Collective. `folder` comes from decide_resume (configuration already checked); the data fingerprint is
     kept in DeepSpeed's client state, so it is compared, on rank 0, once that is loaded."""
-    from .consistency import RunRefused, broadcast, refuse_together
+    from .consistency import broadcast, refuse_together, stop_together
 
     _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     refuse_together(None if client_state is not None else "DeepSpeed could not load it",
@@ -242,7 +242,7 @@ def load_checkpoint(engine, cfg: TrainConfig, folder: Path, data_fp: dict | None
     problem = data_problem(folder, client_state, data_fp, cfg.data.tokenizer) if dist.get_rank() == 0 else None
     problem = broadcast(problem)
     if problem:
-        raise RunRefused(problem)
+        stop_together(problem)
     rng_file = folder / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))

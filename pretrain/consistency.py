@@ -24,6 +24,13 @@ class RunRefused(ValueError):
     """Raised on every rank with the same message; nothing has been trained."""
 
 
+def stop_together(message: str):
+    """Called by every rank at once with the same message: leave the process group cleanly (a rank that simply
+    exited could tear the connections down under one still inside it), then raise."""
+    dist.destroy_process_group()
+    raise RunRefused(message)
+
+
 def where() -> str:
     """This rank, its node (as the launcher numbers it) and host, for messages."""
     # torchrun sets GROUP_RANK, DeepSpeed's launcher CROSS_RANK; both are the node's index.
@@ -49,7 +56,7 @@ def refuse_together(problem: str | None, headline: str) -> None:
     reports = gather((where(), problem))
     bad = [f"{w}: {p}" for w, p in reports if p]
     if bad:
-        raise RunRefused(f"{headline}\n  " + "\n  ".join(bad) + "\nEvery rank stopped before the first step.")
+        stop_together(f"{headline}\n  " + "\n  ".join(bad) + "\nEvery rank stopped before the first step.")
 
 
 def agree_on_data(cfg: DataConfig, n_future_tokens: int) -> dict | None:
@@ -66,7 +73,7 @@ def agree_on_data(cfg: DataConfig, n_future_tokens: int) -> dict | None:
     lines = [line for w, d, other in reports[1:] if d != ref_digest
              for line in differences(ref_fp, other, ref_where, w)]
     if lines:
-        raise RunRefused("data: ranks would read different data (every node needs an identical copy of every "
+        stop_together("data: ranks would read different data (every node needs an identical copy of every "
                          "dataset, or one shared copy), so their global sample orders would disagree:\n  "
                          + "\n  ".join(lines) + "\nEvery rank stopped before the first step.")
     return fp
