@@ -27,6 +27,7 @@ import torch.distributed as dist
 from mtplm.data.fingerprint import TOKENIZER, differences
 
 from .config import TrainConfig, to_dict
+from .consistency import broadcast, refuse_together, stop_together
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -189,8 +190,6 @@ def decide_resume(cfg: TrainConfig) -> Path | None:
     """Collective. Rank 0 decides what to resume from (or that there is nothing) and checks the configuration
     against that checkpoint once; every rank then checks it can read the very same checkpoint, and if one cannot,
     all stop together. Ranks that looked on their own could pick different checkpoints and train apart."""
-    from .consistency import broadcast, refuse_together, stop_together
-
     t = cfg.train
     decision = None
     if dist.get_rank() == 0:
@@ -209,7 +208,11 @@ def decide_resume(cfg: TrainConfig) -> Path | None:
     # `auto` is relative to each rank's own out_dir (nodes may mount the shared filesystem at different paths).
     root = checkpoint_dir(t.out_dir) if t.resume == "auto" else Path(decision["root"])
     folder = root / decision["tag"]
-    refuse_together(unreadable(folder, decision["files"]),
+    try:
+        problem = unreadable(folder, decision["files"])
+    except OSError as e:
+        problem = f"{folder}: {e}"
+    refuse_together(problem,
                     f"train.resume: rank 0 resumes from {decision['tag']} ({decision['root']}), which not every "
                     f"rank can read (checkpoints must be on a filesystem every rank shares, and complete):")
     return folder
@@ -234,8 +237,6 @@ def data_problem(folder: Path, saved: dict, data_fp: dict | None, cfg_tokenizer:
 def load_checkpoint(engine, cfg: TrainConfig, folder: Path, data_fp: dict | None = None) -> dict:
     """Collective. `folder` comes from decide_resume (configuration already checked); the data fingerprint is
     kept in DeepSpeed's client state, so it is compared, on rank 0, once that is loaded."""
-    from .consistency import broadcast, refuse_together, stop_together
-
     _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     refuse_together(None if client_state is not None else "DeepSpeed could not load it",
                     f"train.resume: {folder} could not be loaded on every rank:")

@@ -65,7 +65,7 @@ def agree_on_data(cfg: DataConfig, n_future_tokens: int) -> dict | None:
     fp, problem = None, None
     try:
         fp = data_fingerprint(cfg, n_future_tokens)
-    except (OSError, ValueError) as e:  # a missing or broken copy on one node
+    except Exception as e:  # noqa: BLE001 - a missing or broken copy on one node: the others must hear of it
         problem = f"cannot read its data: {e}"
     refuse_together(problem, "data: not every rank can read its datasets")
     reports = gather((where(), digest(fp), fp))
@@ -83,16 +83,21 @@ def check_shared_folder(folder: Path) -> None:
     """Collective: rank 0 writes a uniquely named file into folder; every rank must see it."""
     if dist.get_world_size() == 1:
         return
-    folder.mkdir(parents=True, exist_ok=True)
     probe = folder / f".shared-probe-{uuid.uuid4().hex}" if dist.get_rank() == 0 else None
-    if probe is not None:
-        probe.write_text(probe.name)
-    name = broadcast(probe.name if probe is not None else None)  # after rank 0 wrote it
+    problem = None
     try:
-        seen = (folder / name).read_text() == name
-    except OSError:
-        seen = False
-    problem = None if seen else f"does not see {folder / name}, a file rank 0 wrote into its {folder}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if probe is not None:
+            probe.write_text(probe.name)
+    except OSError as e:
+        problem = f"cannot write into {folder}: {e}"
+    name = broadcast(probe.name if probe is not None else None)  # after rank 0 wrote it
+    if problem is None:
+        try:
+            seen = (folder / name).read_text() == name
+        except OSError:
+            seen = False
+        problem = None if seen else f"does not see {folder / name}, a file rank 0 wrote into its {folder}"
     try:
         refuse_together(problem, (
             f"train.out_dir: the checkpoint folder is not shared by every rank. DeepSpeed writes a checkpoint "

@@ -177,7 +177,7 @@ def test_node_local_checkpoint_folder_is_refused_with_the_reason(tmp_path):
 
 
 DECIDE = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     from pathlib import Path
     import torch.distributed as dist
     from mtplm.pretrain.checkpoint import decide_resume
@@ -185,9 +185,10 @@ DECIDE = textwrap.dedent("""
     from mtplm.pretrain.consistency import RunRefused, check_shared_folder
 
     results = []
-    for out_dirs, probe in json.loads(sys.argv[1]):
-        if not dist.is_initialized():  # a refusal leaves the process group
-            dist.init_process_group("gloo")
+    for k, (out_dirs, probe) in enumerate(json.loads(sys.argv[1])):
+        if not dist.is_initialized():  # a refusal leaves the process group; a new store for the next one
+            dist.init_process_group("gloo", init_method=f"file://{Path.cwd()}/store{k}",
+                                    rank=int(os.environ["RANK"]), world_size=2)
         cfg = TrainConfig()
         cfg.train.out_dir, cfg.train.resume = out_dirs[dist.get_rank()], "auto"
         try:
@@ -196,21 +197,20 @@ DECIDE = textwrap.dedent("""
             results.append(["resume", str(decide_resume(cfg))])
         except RunRefused as e:
             results.append(["refused", str(e)])
+    dist.destroy_process_group()
     print("RESULTS", json.dumps(results))
 """)
 
 
 def decide(tmp: Path, scenarios) -> list[list[tuple[str, str]]]:
     """Per scenario (the two ranks' out_dirs, whether to run the shared-folder check first), what decide_resume
-    did on two gloo ranks (one process group for all scenarios: each is a few collectives)."""
+    did on two gloo ranks (one process for all scenarios: each is a few collectives)."""
     script = tmp / "decide.py"
     script.write_text(DECIDE)
-    port = free_port()
     arg = json.dumps([[[str(d) for d in dirs], probe] for dirs, probe in scenarios])
     procs = [subprocess.Popen(
         [sys.executable, str(script), arg], cwd=tmp, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK="0", GROUP_RANK=str(r),
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")) for r in range(2)]
+        env=dict(os.environ, RANK=str(r), GROUP_RANK=str(r), OMP_NUM_THREADS="1")) for r in range(2)]
     per_rank = []
     for p in procs:
         out, _ = p.communicate(timeout=120)
