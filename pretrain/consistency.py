@@ -51,12 +51,16 @@ def broadcast(obj):
     return box[0]
 
 
-def refuse_together(problem: str | None, headline: str) -> None:
-    """Collective: each rank passes its problem or None; if any rank has one, all raise the same RunRefused."""
-    reports = gather((where(), problem))
-    bad = [f"{w}: {p}" for w, p in reports if p]
+def _stop_if_any(problems: list[tuple[str, str | None]], headline: str) -> None:
+    """problems: every rank's (where, problem or None), the same list on every rank."""
+    bad = [f"{w}: {p}" for w, p in problems if p]
     if bad:
         stop_together(f"{headline}\n  " + "\n  ".join(bad) + "\nEvery rank stopped before the first step.")
+
+
+def refuse_together(problem: str | None, headline: str) -> None:
+    """Collective: each rank passes its problem or None; if any rank has one, all raise the same RunRefused."""
+    _stop_if_any(gather((where(), problem)), headline)
 
 
 def agree_on_data(cfg: DataConfig, n_future_tokens: int) -> dict | None:
@@ -67,15 +71,15 @@ def agree_on_data(cfg: DataConfig, n_future_tokens: int) -> dict | None:
         fp = data_fingerprint(cfg, n_future_tokens)
     except Exception as e:  # noqa: BLE001 - a missing or broken copy on one node: the others must hear of it
         problem = f"cannot read its data: {e}"
-    refuse_together(problem, "data: not every rank can read its datasets")
-    reports = gather((where(), digest(fp), fp))
-    ref_where, ref_digest, ref_fp = reports[0]
-    lines = [line for w, d, other in reports[1:] if d != ref_digest
+    reports = gather((where(), problem, digest(fp), fp))
+    _stop_if_any([r[:2] for r in reports], "data: not every rank can read its datasets:")
+    ref_where, _, ref_digest, ref_fp = reports[0]
+    lines = [line for w, _, d, other in reports[1:] if d != ref_digest
              for line in differences(ref_fp, other, ref_where, w)]
     if lines:
         stop_together("data: ranks would read different data (every node needs an identical copy of every "
-                         "dataset, or one shared copy), so their global sample orders would disagree:\n  "
-                         + "\n  ".join(lines) + "\nEvery rank stopped before the first step.")
+                      "dataset, or one shared copy), so their global sample orders would disagree:\n  "
+                      + "\n  ".join(lines) + "\nEvery rank stopped before the first step.")
     return fp
 
 

@@ -182,17 +182,21 @@ DECIDE = textwrap.dedent("""
     import torch.distributed as dist
     from mtplm.pretrain.checkpoint import decide_resume
     from mtplm.pretrain.config import TrainConfig
-    from mtplm.pretrain.consistency import RunRefused, check_shared_folder
+    from mtplm.pretrain.consistency import RunRefused, agree_on_data, check_shared_folder
 
     results = []
-    for k, (out_dirs, probe) in enumerate(json.loads(sys.argv[1])):
+    for k, (paths, mode) in enumerate(json.loads(sys.argv[1])):
         if not dist.is_initialized():  # a refusal leaves the process group; a new store for the next one
             dist.init_process_group("gloo", init_method=f"file://{Path.cwd()}/store{k}",
                                     rank=int(os.environ["RANK"]), world_size=2)
         cfg = TrainConfig()
-        cfg.train.out_dir, cfg.train.resume = out_dirs[dist.get_rank()], "auto"
+        cfg.train.out_dir, cfg.train.resume = paths[dist.get_rank()], "auto"
         try:
-            if probe:
+            if mode == "data":
+                cfg.data.datasets = [paths[dist.get_rank()]]
+                results.append(["data", str(agree_on_data(cfg.data, 1)["datasets"][0]["documents"])])
+                continue
+            if mode == "probe":
                 check_shared_folder(Path(cfg.train.out_dir) / "checkpoints")
             results.append(["resume", str(decide_resume(cfg))])
         except RunRefused as e:
@@ -203,11 +207,12 @@ DECIDE = textwrap.dedent("""
 
 
 def decide(tmp: Path, scenarios) -> list[list[tuple[str, str]]]:
-    """Per scenario (the two ranks' out_dirs, whether to run the shared-folder check first), what decide_resume
-    did on two gloo ranks (one process for all scenarios: each is a few collectives)."""
+    """Per scenario (a path for each rank, mode), what each of two gloo ranks got: mode "resume" runs
+    decide_resume with that out_dir, "probe" the shared-folder check first, "data" agree_on_data on that dataset
+    (one process for all scenarios: each is a few collectives)."""
     script = tmp / "decide.py"
     script.write_text(DECIDE)
-    arg = json.dumps([[[str(d) for d in dirs], probe] for dirs, probe in scenarios])
+    arg = json.dumps([[[str(d) for d in dirs], mode] for dirs, mode in scenarios])
     procs = [subprocess.Popen(
         [sys.executable, str(script), arg], cwd=tmp, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env=dict(os.environ, RANK=str(r), GROUP_RANK=str(r), OMP_NUM_THREADS="1")) for r in range(2)]
@@ -234,7 +239,7 @@ def fake_checkpoint(out_dir: Path, step: int, optim_bytes: int | None = 10) -> P
     return folder
 
 
-def test_ranks_that_see_different_checkpoints_stop_together(tmp_path):
+def test_ranks_that_see_different_checkpoints_or_lack_data_stop_together(tmp_path):
     """Rank 0 decides; a rank whose view of that checkpoint differs (node-local copy, stale cache) stops every
     rank with one message; a rank that merely sees more than rank 0 follows rank 0's decision."""
     ok, missing, short, newer = (tmp_path / n for n in ("ok", "missing", "short", "newer"))
@@ -243,8 +248,10 @@ def test_ranks_that_see_different_checkpoints_stop_together(tmp_path):
     fake_checkpoint(short, 2, optim_bytes=9)  # half-synced
     fake_checkpoint(newer, 2)
     fake_checkpoint(newer, 4)  # seen by rank 1 only
-    results = decide(tmp_path, [([ok, missing], False), ([ok, short], False), ([ok, newer], False),
-                                ([tmp_path / "empty", newer], False), ([ok, ok], True)])
+    data = make_data(tmp_path / "data")[0]
+    results = decide(tmp_path, [([ok, missing], "resume"), ([ok, short], "resume"), ([ok, newer], "resume"),
+                                ([tmp_path / "empty", newer], "resume"), ([ok, ok], "probe"),
+                                ([data, tmp_path / "absent"], "data"), ([data, data], "data")])
     (kind0, message), (kind1, message1) = results[0]
     assert kind0 == kind1 == "refused" and message == message1
     assert "rank 0 resumes from step_00000002" in message
@@ -258,6 +265,10 @@ def test_ranks_that_see_different_checkpoints_stop_together(tmp_path):
     # one folder seen by both: the shared-folder check passes, the probe is gone, both resume the same checkpoint
     assert results[4] == (("resume", str(ok / "checkpoints" / "step_00000002")),) * 2
     assert not list((ok / "checkpoints").glob(".shared-probe-*"))
+    # a rank without its copy of the data does not leave the others waiting in the collective
+    (kind0, message), (kind1, _) = results[5]
+    assert kind0 == kind1 == "refused" and "rank 1 (node 1, host" in message and "absent" in message
+    assert results[6] == (("data", "40"),) * 2
 
 
 def test_fingerprint_follows_content_not_path(tmp_path):
