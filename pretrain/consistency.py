@@ -104,10 +104,10 @@ def check_shared_folder(folder: Path) -> None:
         problem = None if seen else f"does not see {folder / name}, a file rank 0 wrote into its {folder}"
     try:
         refuse_together(problem, (
-            f"train.out_dir: the checkpoint folder is not shared by every rank. DeepSpeed writes a checkpoint "
-            f"from all ranks into one folder (model states from one, optimizer shards from each) and reads it "
-            f"back the same way, so train.out_dir must be on a filesystem that every node mounts (NFS, Lustre, "
-            f"GPFS, ...), not a node-local disk:"))
+            "train.out_dir: the checkpoint folder is not shared by every rank. DeepSpeed writes a checkpoint "
+            "from all ranks into one folder (model states from one, optimizer shards from each) and reads it "
+            "back the same way, so train.out_dir must be on a filesystem that every node mounts (NFS, Lustre, "
+            "GPFS, ...), not a node-local disk:"))
     finally:
         if probe is not None:
             probe.unlink(missing_ok=True)

@@ -145,7 +145,7 @@ def test_moved_data_resumes_exactly_like_an_uninterrupted_run(tmp_path):
     for step in (3, 4):
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6, abs=1e-6), f"step {step}"
         assert b[step]["lr"] == a[step]["lr"]
-    wa, wb = load_file(str(full / "final" / "model.safetensors")), load_file(str(resumed / "final" / "model.safetensors"))
+    wa, wb = (load_file(str(out / "final" / "model.safetensors")) for out in (full, resumed))
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6), k
 
