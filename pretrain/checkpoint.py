@@ -23,11 +23,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mtplm.data.fingerprint import TOKENIZER, differences
+
 from .config import TrainConfig, to_dict
+from .consistency import broadcast, refuse_together, stop_together
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 CONFIG_FILE = "mtp_config.json"
+DATA_KEY = "data_fingerprint"  # in DeepSpeed's client state: what the run read, to compare on resume
 _TAG_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -189,7 +193,9 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
 # files are cut for (its loader cannot re-shard tensor or pipeline parallelism); refused on resume.
 _MUST_MATCH = [("model", k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "n_future_tokens",
                                       "multiple_of", "ffn_dim_multiplier", "tie_embeddings", "vocab_pad_multiple")]
-_MUST_MATCH += [("data", "tokenizer"), ("data", "seq_len"), ("data", "datasets"), ("data", "seed"),
+# data.datasets and data.tokenizer are compared by content (load_checkpoint), not by path: data may move, or be
+# node-local copies.
+_MUST_MATCH += [("data", "seq_len"), ("data", "seed"),
                 ("train", "micro_batch_size"), ("train", "grad_accum_steps"), ("parallel", "tensor"),
                 ("parallel", "pipeline")]
 
@@ -205,18 +211,97 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     return diffs
 
 
-def load_checkpoint(engine, cfg: TrainConfig, folder: Path) -> dict:
+def resume_config_problem(folder: Path, cfg: TrainConfig) -> str | None:
     saved = json.loads((folder / CONFIG_FILE).read_text())
     diffs = config_differences(saved, cfg)
-    if diffs:
-        raise ValueError(
-            f"cannot resume from {folder}: its configuration differs from this run's:\n  " + "\n  ".join(diffs)
+    if not diffs:
+        return None
+    return (f"cannot resume from {folder}: its configuration differs from this run's:\n  " + "\n  ".join(diffs)
             + "\nTo start a changed model from these weights (e.g. n_future_tokens 4 -> 1 for fine-tuning), use "
-              "--train.init_from with a consolidated model instead of --train.resume."
-        )
+              "--train.init_from with a consolidated model instead of --train.resume.")
+
+
+def checkpoint_files(folder: Path) -> dict[str, int]:
+    """Every file of a checkpoint folder (relative path -> size)."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def unreadable(folder: Path, files: dict[str, int]) -> str | None:
+    """Why this rank cannot read the checkpoint that rank 0 listed as `files`, or None."""
+    if not folder.is_dir():
+        return f"{folder} does not exist here"
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        return f"{folder}: {len(missing)} of the {len(files)} files rank 0 sees are missing here (e.g. {missing[0]})"
+    changed = [f for f, size in files.items() if (folder / f).stat().st_size != size]
+    if changed:
+        return (f"{folder}: {len(changed)} files differ in size from rank 0's view (e.g. {changed[0]}: "
+                f"{(folder / changed[0]).stat().st_size} bytes here, {files[changed[0]]} on rank 0)")
+    try:
+        (folder / COMPLETE).read_bytes()
+    except OSError as e:
+        return f"{folder / COMPLETE}: {e}"
+    return None
+
+
+def decide_resume(cfg: TrainConfig) -> Path | None:
+    """Collective. Rank 0 decides what to resume from (or that there is nothing) and checks the configuration
+    against that checkpoint once; every rank then checks it can read the very same checkpoint, and if one cannot,
+    all stop together. Ranks that looked on their own could pick different checkpoints and train apart."""
+    t = cfg.train
+    decision = None
+    if dist.get_rank() == 0:
+        try:
+            folder = resolve_resume(t.resume, t.out_dir)
+            decision = {"tag": None, "error": None} if folder is None else {
+                "tag": folder.name, "root": str(folder.parent.resolve()), "files": checkpoint_files(folder),
+                "error": resume_config_problem(folder, cfg)}
+        except (OSError, ValueError) as e:
+            decision = {"tag": None, "error": str(e)}
+    decision = broadcast(decision)
+    if decision["error"]:
+        stop_together(decision["error"])
+    if decision["tag"] is None:
+        return None
+    # `auto` is relative to each rank's own out_dir (nodes may mount the shared filesystem at different paths).
+    root = checkpoint_dir(t.out_dir) if t.resume == "auto" else Path(decision["root"])
+    folder = root / decision["tag"]
+    try:
+        problem = unreadable(folder, decision["files"])
+    except OSError as e:
+        problem = f"{folder}: {e}"
+    refuse_together(problem,
+                    f"train.resume: rank 0 resumes from {decision['tag']} ({decision['root']}), which not every "
+                    f"rank can read (checkpoints must be on a filesystem every rank shares, and complete):")
+    return folder
+
+
+def data_problem(folder: Path, saved: dict, data_fp: dict | None, cfg_tokenizer: str | None) -> str | None:
+    """The checkpoint's datasets against this run's, by fingerprint; by path for checkpoints that predate it."""
+    if DATA_KEY in saved:
+        # data.seq_len and data.seed are checked with the configuration; split and weights may change on resume.
+        lines = differences(saved[DATA_KEY], data_fp, "checkpoint", "this run", params=[TOKENIZER])
+    else:
+        old_data = json.loads((folder / CONFIG_FILE).read_text()).get("data", {})
+        now = {"datasets": [d["path"] for d in data_fp["datasets"]] if data_fp else [], "tokenizer": cfg_tokenizer}
+        lines = [f"data.{k}: checkpoint {old_data.get(k)!r}, this run {now[k]!r} (this checkpoint predates data "
+                 f"fingerprints, so it is compared by path)" for k in now if old_data.get(k, now[k]) != now[k]]
+    if not lines:
+        return None
+    return (f"cannot resume from {folder}: it was trained on other data (datasets are identified by documents, "
+            f"tokens and a hash of their index, so a moved copy is fine):\n  " + "\n  ".join(lines))
+
+
+def load_checkpoint(engine, cfg: TrainConfig, folder: Path, data_fp: dict | None = None) -> dict:
+    """Collective. `folder` comes from decide_resume (configuration already checked); the data fingerprint is
+    kept in DeepSpeed's client state, so it is compared, on rank 0, once that is loaded."""
     _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
-    if client_state is None:
-        raise ValueError(f"{folder}: DeepSpeed could not load this checkpoint")
+    refuse_together(None if client_state is not None else "DeepSpeed could not load it",
+                    f"train.resume: {folder} could not be loaded on every rank:")
+    problem = data_problem(folder, client_state, data_fp, cfg.data.tokenizer) if dist.get_rank() == 0 else None
+    problem = broadcast(problem)
+    if problem:
+        stop_together(problem)
     rng_file = folder / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))

@@ -11,11 +11,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mtplm.data.fingerprint import describe, digest
 from mtplm.model.flops import count_params, flops_per_token
 
 from .build_model import build_model, local_parameter_count
-from .checkpoint import CheckpointSaveError, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import (DATA_KEY, CheckpointSaveError, checkpoint_dir, decide_resume, load_checkpoint,
+                         save_checkpoint)
 from .config import TrainConfig
+from .consistency import agree_on_data, check_shared_folder
 from .distributed import DistInfo, init_distributed
 from .ds_config import build_ds_config, precision, zero_stage
 from .metrics_log import MetricsLogger
@@ -103,6 +106,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.out_dir = Path(cfg.train.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        # Before anything is built: every rank reads the same data, sees one checkpoint folder, and resumes from
+        # the checkpoint rank 0 chose; otherwise all ranks stop here together.
+        self.data_fingerprint = agree_on_data(cfg.data, cfg.model.n_future_tokens)
+        check_shared_folder(checkpoint_dir(t.out_dir))
+        resume_from = decide_resume(cfg)
         model, init_notes = build_model(cfg, ds_cfg, self.layout)
         self.local_params, self.total_params = local_parameter_count(model)
         self.zero_stage, self.precision = zero_stage(ds_cfg), precision(ds_cfg)
@@ -129,9 +137,8 @@ class Trainer:
             self.logger.info(f"init_from {t.init_from}: {note}")
 
         self.step, self.consumed_samples = 0, 0
-        resume_from = resolve_resume(t.resume, t.out_dir)
         if resume_from is not None:
-            state = load_checkpoint(self.engine, cfg, resume_from)
+            state = load_checkpoint(self.engine, cfg, resume_from, self.data_fingerprint)
             self.step, self.consumed_samples = int(state["step"]), int(state["consumed_samples"])
             self.logger.info(f"resumed from {resume_from} at step {self.step} "
                              f"({self.consumed_samples} samples consumed)")
@@ -151,6 +158,10 @@ class Trainer:
             pin_memory=not self.dist.on_cpu, tokenizer_sha256=tok_sha)
 
     def _describe(self) -> None:
+        if self.data_fingerprint is not None:
+            fp = self.data_fingerprint
+            self.logger.info(f"data fingerprint {digest(fp)}, the same on all {self.dist.world_size} ranks: "
+                             + "; ".join(f"{d['path']} ({describe(d)})" for d in fp["datasets"]))
         c = count_params(self.cfg.model)
         f = flops_per_token(self.cfg.model, self.cfg.data.seq_len)
         self.logger.info(
@@ -290,7 +301,8 @@ class Trainer:
     def save(self) -> None:
         try:
             folder = save_checkpoint(self.engine, self.cfg, self.step,
-                                     {"step": self.step, "consumed_samples": self.consumed_samples})
+                                     {"step": self.step, "consumed_samples": self.consumed_samples,
+                                      DATA_KEY: self.data_fingerprint})
         except CheckpointSaveError as e:
             self.logger.info(f"error: {e}")
             raise
