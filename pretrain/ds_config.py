@@ -1,6 +1,6 @@
 """Assemble the DeepSpeed config: ZeRO, precision and communication come from the JSON in ds_configs/;
-batch sizes, optimizer, LR schedule and clipping come from the training config, so each value has one
-source. Values the JSON repeats must agree, or start-up stops with both values named."""
+batch sizes, optimizer and clipping come from the training config (the LR schedule too, as a scheduler the
+trainer hands to deepspeed.initialize: lr_schedule.py), so each value has one source. Values the JSON repeats must agree, or start-up stops with both values named."""
 
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ def build_ds_config(cfg: TrainConfig, ds_path: str | Path | None, dp_world_size:
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise ConfigError(f"{src}: has an '{key}' section; set optim.* in the training config instead "
-                              f"(the trainer writes DeepSpeed's '{key}' from it, so there is one source of truth)")
+                              f"(the trainer builds the optimizer and LR schedule from it, so there is one source "
+                              f"of truth)")
     if cfg.parallel.pipeline > 1 and zero_stage(ds) >= 2:
         raise ConfigError(f"{src}: ZeRO-{zero_stage(ds)} cannot run with parallel.pipeline "
                           f"{cfg.parallel.pipeline}: DeepSpeed's pipeline engine supports ZeRO-0 and ZeRO-1 only. "
@@ -98,16 +99,6 @@ def build_ds_config(cfg: TrainConfig, ds_path: str | Path | None, dp_world_size:
     elif not on_cpu:
         check_arch_list_for_deepspeed(os.environ.get("TORCH_CUDA_ARCH_LIST", ""))
     ds["optimizer"] = {"type": "AdamW", "params": adam_params}
-    ds["scheduler"] = {
-        "type": "WarmupCosineLR",
-        "params": {
-            "total_num_steps": t.steps,
-            "warmup_num_steps": min(o.warmup_steps, t.steps),
-            "warmup_min_ratio": 0.0,
-            "warmup_type": "linear",
-            "cos_min_ratio": o.min_lr_ratio,
-        },
-    }
     ds.setdefault("steps_per_print", 10**9)  # the trainer logs; DeepSpeed's own step prints are noise
     ds.setdefault("wall_clock_breakdown", False)
     return ds
