@@ -108,7 +108,8 @@ class Trainer:
                 checkpoint_interval=t.activation_checkpoint_interval if t.activation_checkpointing else 0)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg,
-            lr_scheduler=scheduler_factory(cfg.optim, t.steps), mpu=None if self.layout.pipeline else self.layout.grid, dist_init_required=False)
+            lr_scheduler=scheduler_factory(cfg.optim, t.steps),
+            mpu=None if self.layout.pipeline else self.layout.grid, dist_init_required=False)
         self.model = model
         self._pipeline_grad_norm = None
         if self.layout.pipeline and self.own_grad_norm:
