@@ -17,8 +17,8 @@ from .build_model import build_model, local_parameter_count
 from .checkpoint import StopSignal, load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistInfo, init_distributed
-from .lr_schedule import scheduler_factory
 from .ds_config import build_ds_config, precision, zero_stage
+from .lr_schedule import scheduler_factory
 from .metrics_log import MetricsLogger
 from .parallel_layout import build_layout, check_world_size
 from .pipeline import build_pipeline_module, gather_pipeline_state_dict
