@@ -299,6 +299,40 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     return from_dict(cls, data)
 
 
+def check_input_files(cfg: TrainConfig, datasets: bool = True) -> None:
+    """What needs no process group is checked when the config loads, before DeepSpeed starts: the files the run
+    reads exist. `datasets`: the run reads cfg.data (not when a caller brings its own loaders)."""
+    from mtplm.data.manifest import resolve_shards
+    from mtplm.data.tokenizer import BYTE_TOKENIZER
+    from mtplm.model.weights import PARAMS_FILE, WEIGHTS_FILE
+
+    from .checkpoint import resolve_resume
+
+    d, t = cfg.data, cfg.train
+    if datasets:
+        if not d.datasets:
+            raise ConfigError("data.datasets: empty; give dataset folders or prefixes written by mtp-preprocess")
+        for k, spec in enumerate(d.datasets):
+            try:
+                prefixes, _ = resolve_shards(spec)
+            except (OSError, ValueError, KeyError) as e:
+                raise ConfigError(f"data.datasets[{k}]: {e}") from None
+            for prefix in prefixes:
+                for ext in (".idx", ".bin"):
+                    if not Path(f"{prefix}{ext}").is_file():
+                        raise ConfigError(f"data.datasets[{k}]: {spec}: shard {prefix}{ext} is missing")
+    if d.tokenizer and d.tokenizer != BYTE_TOKENIZER and not Path(d.tokenizer).is_file():
+        raise ConfigError(f"data.tokenizer: {d.tokenizer} is not a file (a SentencePiece .model, or "
+                          f"'{BYTE_TOKENIZER}' for the byte-level tokenizer)")
+    if t.init_from and not all((Path(t.init_from) / f).is_file() for f in (PARAMS_FILE, WEIGHTS_FILE)):
+        raise ConfigError(f"train.init_from: {t.init_from} is not a consolidated model folder (needs {PARAMS_FILE} "
+                          f"and {WEIGHTS_FILE}; mtp-export or the end of training writes one)")
+    try:
+        resolve_resume(t.resume, t.out_dir)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+
+
 def config_error_exit(e: ConfigError, prog: str = "") -> typing.NoReturn:
     print(f"{prog + ': ' if prog else ''}configuration error: {e}", file=sys.stderr)
     raise SystemExit(2)

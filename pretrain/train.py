@@ -16,10 +16,14 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
-from mtplm.pretrain.config import ConfigError, TrainConfig, config_error_exit, load_config
+from mtplm.pretrain.config import ConfigError, TrainConfig, check_input_files, config_error_exit, load_config
+from mtplm.pretrain.ds_config import read_ds_json
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def parse_args(argv: list[str] | None = None, check_datasets: bool = False) -> TrainConfig:
+    """The config, with everything that needs no process group checked (the DeepSpeed JSON, the files the run
+    reads; data.datasets too with check_datasets), so a refusal is the last line printed, before DeepSpeed starts
+    up. Exits with status 2 on a configuration error."""
     parser = argparse.ArgumentParser(
         prog="mtp-train", description="Pretrain a multi-token prediction model with DeepSpeed.",
         epilog="Any config key can be overridden as --section.key value, e.g. --model.n_future_tokens 4.")
@@ -32,13 +36,16 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     if args.deepspeed_config:
         overrides += ["--train.deepspeed_config", args.deepspeed_config]
     try:
-        return load_config(TrainConfig, args.config, overrides)
+        cfg = load_config(TrainConfig, args.config, overrides)
+        read_ds_json(cfg.train.deepspeed_config)
+        check_input_files(cfg, datasets=check_datasets)
     except ConfigError as e:
         config_error_exit(e, "mtp-train")
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfg = parse_args(argv, check_datasets=True)
     from mtplm.pretrain.trainer import Trainer
 
     try:

@@ -21,6 +21,7 @@ from .config import TrainConfig
 from .consistency import agree_on_data, check_shared_folder
 from .distributed import DistInfo, init_distributed
 from .ds_config import build_ds_config, precision, zero_stage
+from .lr_schedule import scheduler_factory
 from .metrics_log import MetricsLogger
 from .parallel_layout import build_layout, check_world_size
 from .pipeline import build_pipeline_module, gather_pipeline_state_dict
@@ -126,6 +127,7 @@ class Trainer:
                 checkpoint_interval=t.activation_checkpoint_interval if t.activation_checkpointing else 0)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg,
+            lr_scheduler=scheduler_factory(cfg.optim, t.steps),
             mpu=None if self.layout.pipeline else self.layout.grid, dist_init_required=False)
         self.model = model
         self._pipeline_grad_norm = None
@@ -140,6 +142,7 @@ class Trainer:
         if resume_from is not None:
             state = load_checkpoint(self.engine, cfg, resume_from, self.data_fingerprint)
             self.step, self.consumed_samples = int(state["step"]), int(state["consumed_samples"])
+            self.engine.lr_scheduler.apply()  # ZeRO loads its optimizer state (and the saved rate) last
             self.logger.info(f"resumed from {resume_from} at step {self.step} "
                              f"({self.consumed_samples} samples consumed)")
         build = data_loaders or self._build_loaders
@@ -242,21 +245,21 @@ class Trainer:
         else:
             self.engine.optimizer.register_step_pre_hook(record)
 
-    def _pipeline_train_step(self, batches) -> dict:
+    def _pipeline_train_step(self, batches, lr: float) -> dict:
         self.pipe_loss.reset()
         self.pipe_loss.grad_scale = loss_grad_scale(self.engine)
         loss = float(self.engine.train_batch(map(self._split, batches)))
         grad_norm = self._pipeline_grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
-        return self._train_metrics(loss, self._pipeline_head_losses(), grad_norm)
+        return self._train_metrics(loss, self._pipeline_head_losses(), grad_norm, lr)
 
-    def _train_metrics(self, loss: float, head_losses: torch.Tensor, grad_norm) -> dict:
-        return {"loss": loss, "head_losses": [float(x) for x in head_losses],
-                "lr": float(self.engine.get_lr()[0]),
+    def _train_metrics(self, loss: float, head_losses: torch.Tensor, grad_norm, lr: float) -> dict:
+        return {"loss": loss, "head_losses": [float(x) for x in head_losses], "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
     def train_step(self, batches) -> dict:
+        lr = float(self.engine.get_lr()[0])  # the rate this step applies: the scheduler moves on inside step()
         if self.layout.pipeline:
-            return self._pipeline_train_step(batches)
+            return self._pipeline_train_step(batches, lr)
         head_sum = torch.zeros(self.cfg.model.n_future_tokens)
         loss_sum = 0.0
         gas = self.cfg.train.grad_accum_steps
@@ -274,7 +277,7 @@ class Trainer:
         loss = float(self._reduce_mean(torch.tensor(loss_sum / gas)))
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-        return self._train_metrics(loss, head_losses, grad_norm)
+        return self._train_metrics(loss, head_losses, grad_norm, lr)
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:

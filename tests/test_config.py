@@ -1,11 +1,16 @@
 """The config system: files, overrides, and errors that name the key."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
+from dist_launch import REPO
 from mtplm.pretrain.config import ConfigError, TrainConfig, load_config, parse_overrides
-from mtplm.pretrain.ds_config import build_ds_config
+from mtplm.pretrain.ds_config import build_ds_config, read_ds_json
 
 
 def test_yaml_file_and_overrides(tmp_path):
@@ -79,7 +84,7 @@ def test_deepspeed_json_must_agree_with_the_training_config(tmp_path):
     ds.write_text(json.dumps({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True}}))
     built = build_ds_config(cfg, ds, dp_world_size=2, on_cpu=True)
     assert built["train_batch_size"] == 16 and built["optimizer"]["params"]["betas"] == [0.9, 0.95]
-    assert built["scheduler"]["params"]["warmup_type"] == "linear"
+    assert "scheduler" not in built  # the trainer hands deepspeed.initialize its own (pretrain/lr_schedule.py)
 
 
 def test_shipped_configs_load():
@@ -118,3 +123,75 @@ def test_cuda_arch_list_deepspeed_cannot_parse_is_refused_with_the_fix(monkeypat
     assert deepspeed_parses(suggested)
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", suggested)
     assert "torch_adam" not in build_ds_config(cfg, None, dp_world_size=1, on_cpu=False)["optimizer"]["params"]
+
+
+@pytest.mark.parametrize("ds, key", [
+    ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage: expected 0, 1, 2 or 3, got 7"),
+    ({"zero_optimization": {"stage": "3"}}, "zero_optimization.stage"),
+    ({"zero_optimization": {"stage": True}}, "zero_optimization.stage"),
+    ({"zero_optimization": [3]}, "zero_optimization: expected an object"),
+    ({"bf16": {"enabled": "yes"}}, "bf16.enabled: expected true or false"),
+    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "bf16.enabled and fp16.enabled are both true"),
+    ({"bfloat16": {"enabled": True}}, "bfloat16: DeepSpeed's old spelling"),
+    ({"fp16": {"enabled": True, "loss_scale_window": 0}}, "fp16.loss_scale_window: expected an integer > 0"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": 0}}, "zero_optimization.reduce_bucket_size"),
+    ({"zero_optimization": {"stage": 2, "allgather_bucket_size": -1}}, "zero_optimization.allgather_bucket_size"),
+    ({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "5e7"}},
+     "zero_optimization.stage3_prefetch_bucket_size"),
+    ({"zero_optimization": {"stage": 2, "overlap_comm": 1}}, "zero_optimization.overlap_comm: expected true or false"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}},
+     "zero_optimization.offload_param.device: expected \"none\", \"cpu\" or \"nvme\""),
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
+     "zero_optimization.offload_param: offloading needs ZeRO stage >= 3"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}},
+     "zero_optimization.offload_optimizer.nvme_path"),
+    ({"gradient_clipping": "1.0"}, "gradient_clipping: expected a number >= 0"),
+])
+def test_deepspeed_json_fields_are_checked_with_file_and_key(tmp_path, ds, key):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: {key}")):
+        read_ds_json(path)
+
+
+def test_deepspeed_json_accepts_what_deepspeed_accepts(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 5e8, "sub_group_size": 0,
+                                                      "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}},
+                                "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}}))
+    read_ds_json(path)
+
+
+def _refusal(tmp_path, *args):
+    """mtp-train's whole output for a run that must be refused: (exit code, non-empty lines)."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model": {"dim": 64, "n_layers": 5, "n_heads": 4, "vocab_size": 200,
+                                         "n_future_tokens": 4, "max_seq_len": 64}, "data": {"seq_len": 16}}))
+    proc = subprocess.run([sys.executable, "pretrain/train.py", "--config", str(cfg),
+                           "--train.out_dir", str(tmp_path / "run"), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    return proc.returncode, [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--deepspeed_config", "{tmp}/ds.json"], "{tmp}/ds.json: zero_optimization.stage: expected 0, 1, 2 or 3, got 7"),
+    (["--data.datasets", "[]"], "data.datasets: empty"),
+    (["--data.datasets", "[{tmp}/data, {tmp}/nope]"], "data.datasets[1]: dataset {tmp}/nope: neither a folder"),
+    (["--data.datasets", "[{tmp}/folder]"], "data.datasets[0]: {tmp}/folder: a dataset folder needs dataset.json"),
+    (["--data.datasets", "[{tmp}/half]"], "data.datasets[0]: {tmp}/half: shard {tmp}/half.bin is missing"),
+    (["--data.tokenizer", "{tmp}/tok.model"], "data.tokenizer: {tmp}/tok.model is not a file"),
+    (["--train.init_from", "{tmp}/model"], "train.init_from: {tmp}/model is not a consolidated model folder"),
+    (["--train.resume", "{tmp}/ckpt"], "train.resume: {tmp}/ckpt is not a complete checkpoint"),
+], ids=["zero7", "no-datasets", "missing-dataset", "folder-without-manifest", "missing-shard", "missing-tokenizer",
+        "missing-init-from", "missing-resume"])
+def test_refusals_come_before_deepspeed_starts_as_one_line(tmp_path, args, message):
+    for name in ("data.idx", "data.bin", "half.idx"):  # 'data' passes the existence checks; 'half' lacks its .bin
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 7}}))
+    code, lines = _refusal(tmp_path, "--data.datasets", f"[{tmp_path}/data]", *(a.format(tmp=tmp_path) for a in args))
+    assert code == 2, lines
+    # one line, the last thing printed: nothing from DeepSpeed before or after it
+    assert len(lines) == 1 and lines[0].startswith(f"mtp-train: configuration error: {message.format(tmp=tmp_path)}"), \
+        lines
