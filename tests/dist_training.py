@@ -13,7 +13,10 @@ TINY = {
     "model": {"dim": 64, "n_layers": 6, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 200, "multiple_of": 16,
               "n_future_tokens": 4, "max_seq_len": 64, "head_loss_weights": [1.0, 0.5, 0.3, 0.2]},
     "data": {"seq_len": 16},
-    "optim": {"lr": 0.003, "warmup_steps": 1, "grad_clip": 1.0},
+    # eps 1e-6: the first optimizer step now runs at the full rate (warmup reaches the peak at step 1), and
+    # Adam's first step moves a weight by about lr whatever its gradient's size, so a gradient of ~1e-9 whose
+    # sign differs with reduction order would become a difference of 2 lr; a larger eps damps exactly those.
+    "optim": {"lr": 0.003, "warmup_steps": 1, "grad_clip": 1.0, "eps": 1e-6},
     "train": {"steps": 3, "micro_batch_size": 2, "grad_accum_steps": 2, "eval_interval": 3, "eval_iters": 2,
               "log_interval": 1},
 }
@@ -62,7 +65,7 @@ def reference_run(tmp: Path) -> tuple[list[dict], dict]:
     return train(tmp, "ref", 1, "--train.loss_impl", "naive", "--train.grad_accum_steps", "4")
 
 
-def assert_matches(reference, got, tol=1e-5):
+def assert_matches(reference, got, tol=1e-5, compare_weights=True):
     (ref_log, ref_w), (log, w) = reference, got
     assert [r["step"] for r in log] == [r["step"] for r in ref_log]
     for a, b in zip(ref_log, log):
@@ -71,6 +74,6 @@ def assert_matches(reference, got, tol=1e-5):
         if "grad_norm" in a:  # training records; the others are validation (every rank's validation batches
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=max(1e-4, tol / 3))  # are the same samples)
     assert w.keys() == ref_w.keys()
-    for k in ref_w:
+    for k in ref_w if compare_weights else []:
         diff = (w[k] - ref_w[k]).abs().max().item()
         assert diff <= tol * max(1.0, ref_w[k].abs().max().item()), f"{k}: parameters differ by {diff:.2e}"

@@ -82,4 +82,12 @@ def test_bf16_sequential_matches_bf16_naive(tmp_path, stage):
     seq = train(tmp_path, "bf16_seq", 2, "--deepspeed_config", ds)
     # bf16 rounds each head's contribution separately; Adam's first steps amplify that to about lr/10, and
     # gradient norms differ by up to 1.7e-4 (relative) under ZeRO-0 to 3; assert_matches allows tol / 3 = 1e-3.
-    assert_matches(naive, seq, tol=3e-3)
+    assert_matches(naive, seq, tol=3e-3, compare_weights=False)
+    # Weights: every optimizer step runs at a real rate (warmup peaks at step 1), and Adam moves a weight by
+    # about lr per step whatever its gradient's size, so the few entries whose tiny bf16 gradient changes sign
+    # between the two paths differ by up to a few lr, and bf16 norm weights by one unit (2**-7 at 1.0). A
+    # dropped or mis-scaled gradient moves a whole tensor differently: so bound how MANY entries differ.
+    (_, w_naive), (_, w_seq) = naive, seq
+    for k in w_naive:
+        off = (w_seq[k] - w_naive[k]).abs() > 1e-3 * w_naive[k].abs().max().clamp(min=1.0)
+        assert off.sum().item() <= max(2, 0.01 * off.numel()), f"{k}: {off.sum().item()} of {off.numel()} entries differ"
