@@ -103,25 +103,27 @@ def test_cli_prompt_overflow(tmp_path, capsys, byte_model):
     """Refused by default, naming the prompt and both lengths; cut from the left with one warning per prompt
     under --prompt-overflow truncate-left, giving what the cut prompt gives, stopped at the context limit."""
     model, path = byte_model
-    long = "".join(f"line {i}\n" for i in range(20))  # 140 bytes, context 64
+    long = "".join(f"line {i}\n" for i in range(20))  # 150 bytes, context 64
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "short"}) + "\n" + json.dumps({"prompt": long}) + "\n")
     assert main([path, "--prompt", "ok", "--prompts-file", str(prompts)]) == 1
     err = capsys.readouterr().err
-    assert err == (f"mtp-generate: {prompts}:2 has 140 tokens, more than the 63 a prompt may have: the model's context "
+    assert err == (f"mtp-generate: {prompts}:2 has 150 tokens, more than the 63 a prompt may have: the model's context "
                    "(max_seq_len) is 64 tokens and one must be left to generate; shorten it, or keep its last 63 "
                    "tokens with prompt_overflow 'truncate-left' (mtp-generate --prompt-overflow truncate-left)\n")
     args = [path, "--prompt", long, "--prompts-file", str(prompts), "--max-new-tokens", "8"]
     assert main(args + ["--prompt-overflow", "truncate-left"]) == 0
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [
-        f"mtp-generate: warning: {name} has 140 tokens, more than the 63 a prompt may have: the model's context "
+        f"mtp-generate: warning: {name} has 150 tokens, more than the 63 a prompt may have: the model's context "
         "(max_seq_len) is 64 tokens and one must be left to generate; kept its last 63 tokens"
         for name in ("--prompt #1", f"{prompts}:2")]
     cut = ByteTokenizer().encode(long)[-63:]
-    want = completion(model, long, 8, cut) + "\n" + completion(model, "short", 8) + "\n" + completion(model, long, 8, cut)
+    want = "".join(completion(model, text, 8, tokens) + "\n" for text, tokens in ((long, cut), ("short", None),
+                                                                                 (long, cut)))
     assert captured.out.split("[speculative")[0] == want
     assert want.count("[stopped at the context limit, max_seq_len 64]") == 2
     assert "2 stopped at the context limit" in captured.out.splitlines()[-1]
-    assert main(args + ["--prompt-overflow", "cut"]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        main(args + ["--prompt-overflow", "cut"])
     assert "prompt_overflow: expected error or truncate-left, got 'cut'" in capsys.readouterr().err
