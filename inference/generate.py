@@ -75,8 +75,8 @@ def read_prompts(path: str) -> list[tuple[str, str]]:
             raise ValueError(f"{where}: not a JSON object ({e}); a .jsonl prompts file holds one "
                              f'{{"prompt": "..."}} per line') from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            got = (f"a {type(record).__name__}" if not isinstance(record, dict) else
-                   f"a {type(record['prompt']).__name__}" if "prompt" in record else
+            got = (f"a JSON {type(record).__name__}, not an object" if not isinstance(record, dict) else
+                   type(record["prompt"]).__name__ if "prompt" in record else
                    f"no such field (keys: {', '.join(record) or 'none'})")
             raise ValueError(f'{where}: field "prompt": expected a string, got {got}')
         prompts.append((where, record["prompt"]))

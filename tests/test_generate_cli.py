@@ -88,8 +88,8 @@ def test_prompts_files_jsonl_and_plain_text(tmp_path, capsys, byte_model):
 @pytest.mark.parametrize("line, message", [
     ('{"prompt": "a"', "p.jsonl:2: not a JSON object (Expecting ',' delimiter"),
     ('{"text": "a"}', 'p.jsonl:2: field "prompt": expected a string, got no such field (keys: text)'),
-    ('{"prompt": 3}', 'p.jsonl:2: field "prompt": expected a string, got a int'),
-    ('["a"]', 'p.jsonl:2: field "prompt": expected a string, got a list'),
+    ('{"prompt": 3}', 'p.jsonl:2: field "prompt": expected a string, got int'),
+    ('["a"]', 'p.jsonl:2: field "prompt": expected a string, got a JSON list, not an object'),
 ])
 def test_bad_jsonl_prompt_line_names_file_line_and_field(tmp_path, capsys, byte_model, line, message):
     path = tmp_path / "p.jsonl"

@@ -251,7 +251,7 @@ def test_generation_stops_exactly_at_the_context_limit(trained, positions_fed):
         spec, s = gen.generate(prompts, 100, draft_heads=k)
         assert spec == plain and s.finish_reasons == stats.finish_reasons, f"k={k}"
         assert s.tokens / s.sequence_steps > 1.2  # the limit does not stop drafting early
-    assert positions_fed["position"] == L - 2  # the last token is generated, never fed back
+    assert positions_fed["position"] == L - 1  # a draft may sit in the last slot, never past it
     assert positions_fed["allocated"] <= L
 
 
