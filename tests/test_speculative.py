@@ -277,7 +277,7 @@ def test_prompt_past_the_context_is_refused_or_cut_from_the_left(trained):
     gen = MTPGenerator(with_context(trained, L))
     g = torch.Generator().manual_seed(14)
     fits, too_long, just_over = (motif_batch(g, bs=1, T=70)[0, :n].tolist() for n in (10, 60, L))
-    with pytest.raises(ContextOverflowError, match=r"prompt 1 has 60 tokens, more than the 39 .* max_seq_len\) is 40"):
+    with pytest.raises(ContextOverflowError, match=r"prompt 1 has 60 tokens, more than the 39 .*\(max_seq_len\) is 40"):
         gen.generate([fits, too_long], 5)
     with pytest.raises(ContextOverflowError, match="prompt 0 has 40 tokens"):  # no room left to generate
         gen.generate([just_over], 5)
