@@ -1,17 +1,24 @@
 """mtp-generate: text from a trained model, with or without self-speculative decoding.
 
     mtp-generate runs/demo/final --prompt "def parse(" --max-new-tokens 64
-    mtp-generate runs/1b/hf --prompts-file prompts.txt --draft-heads 3 --batch-size 8 --temperature 0.8
+    mtp-generate runs/1b/hf --prompts-file prompts.jsonl --draft-heads 3 --batch-size 8 --temperature 0.8
     mtp-generate runs/demo/final --prompt "import os" --no-speculative
 
 MODEL is a consolidated folder (params.json + model.safetensors, written at the end of training) or a
 Hugging Face export with its heads (mtp-export-hf). Prints each completion, then tokens per forward
 (the paper's "average accepted"), the acceptance rate at each draft position and tokens/s.
+
+--prompts-file: a .jsonl file holds one {"prompt": "..."} object per line (JSON escapes, so any text); any
+other file one prompt per line, taken as it is (no escapes, no newlines inside a prompt).
+--prompt-overflow: a prompt with no room left in the model's context (max_seq_len) is refused (error, the
+default) or cut to its last max_seq_len - 1 tokens with a warning (truncate-left). A sequence stops at
+max_seq_len tokens, prompt included, and is marked as stopped at the context limit.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +28,13 @@ import torch
 from mtplm.model.config import ConfigError
 from mtplm.pretrain.config import config_error_exit, from_dict, parse_overrides
 
-from .speculative import MTPGenerator
+from .speculative import PROMPT_OVERFLOW, MTPGenerator, fit_prompt
 
 
 @dataclass
 class GenerateConfig:
     prompt: list[str] = field(default_factory=list)
-    prompts_file: str | None = None  # one prompt per line; "\n" inside a line stands for a newline
+    prompts_file: str | None = None  # .jsonl: {"prompt": ...} per line; otherwise one prompt per line, verbatim
     max_new_tokens: int = 128
     draft_heads: int | None = None  # default: every extra head
     temperature: float = 0.0  # 0: greedy
@@ -37,6 +44,7 @@ class GenerateConfig:
     tokenizer: str | None = None  # default: tokenizer.model beside the model, or bytes for a 256-token vocab
     dtype: str = "fp32"
     device: str = "auto"
+    prompt_overflow: str = "error"  # or truncate-left: a prompt past the model's context keeps its last tokens
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.batch_size < 1:
@@ -45,6 +53,34 @@ class GenerateConfig:
             raise ConfigError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"dtype: expected fp32, bf16 or fp16, got {self.dtype!r}")
+        if self.prompt_overflow not in PROMPT_OVERFLOW:
+            raise ConfigError(f"prompt_overflow: expected {' or '.join(PROMPT_OVERFLOW)}, got {self.prompt_overflow!r}")
+
+
+def read_prompts(path: str) -> list[tuple[str, str]]:
+    """(file:line, prompt) for each prompt of a prompts file; blank lines are skipped. Raises ValueError naming
+    the file and line of anything else that is not a prompt."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"prompts_file: cannot read {path}: {e}") from None
+    numbered = [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
+    if not path.endswith(".jsonl"):
+        return numbered
+    prompts = []
+    for where, line in numbered:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not a JSON object ({e}); a .jsonl prompts file holds one "
+                             f'{{"prompt": "..."}} per line') from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            got = (f"a JSON {type(record).__name__}, not an object" if not isinstance(record, dict) else
+                   type(record["prompt"]).__name__ if "prompt" in record else
+                   f"no such field (keys: {', '.join(record) or 'none'})")
+            raise ValueError(f'{where}: field "prompt": expected a string, got {got}')
+        prompts.append((where, record["prompt"]))
+    return prompts
 
 
 def load_any(path: Path):
@@ -86,30 +122,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mtp-generate: no tokenizer.model in {path}; pass --tokenizer", file=sys.stderr)
         return 1
     tok = load_tokenizer(tok_spec)
-    prompts = list(cfg.prompt)
-    if cfg.prompts_file:
-        prompts += [line.rstrip("\n").replace("\\n", "\n") for line in open(cfg.prompts_file) if line.strip()]
-    if not prompts:
+    named = [(f"--prompt #{i}", p) for i, p in enumerate(cfg.prompt, 1)]
+    try:
+        if cfg.prompts_file:
+            named += read_prompts(cfg.prompts_file)
+        warn = lambda msg: print(f"mtp-generate: warning: {msg}", file=sys.stderr)  # noqa: E731
+        # Checked here, before any generation, so that a refusal names the prompt's file and line.
+        encoded = [fit_prompt(tok.encode(p) or [tok.eod_id], model.cfg.max_seq_len, cfg.prompt_overflow, name, warn)
+                   for name, p in named]
+    except ValueError as e:
+        print(f"mtp-generate: {e}", file=sys.stderr)
+        return 1
+    if not named:
         print("mtp-generate: give --prompt TEXT or --prompts-file FILE", file=sys.stderr)
         return 2
     k = (cfg.draft_heads if cfg.draft_heads is not None else model.cfg.n_future_tokens - 1) if args.speculative else 0
     gen = MTPGenerator(model)
     totals = None
-    for start in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[start:start + cfg.batch_size]
+    for start in range(0, len(named), cfg.batch_size):
+        chunk = named[start:start + cfg.batch_size]
         try:
-            outs, stats = gen.generate([tok.encode(p) or [tok.eod_id] for p in chunk], cfg.max_new_tokens, k,
-                                       cfg.temperature, cfg.top_p, stop_tokens=[tok.eod_id], seed=cfg.seed + start)
+            outs, stats = gen.generate(encoded[start:start + cfg.batch_size], cfg.max_new_tokens, k, cfg.temperature,
+                                       cfg.top_p, stop_tokens=[tok.eod_id], seed=cfg.seed + start)
         except ValueError as e:
             print(f"mtp-generate: {e}", file=sys.stderr)
             return 1
-        for p, o in zip(chunk, outs):
-            print(f"=== {p!r}\n{p}{tok.decode(o)}\n")
+        for (_, p), o, reason in zip(chunk, outs, stats.finish_reasons):
+            limit = f"[stopped at the context limit, max_seq_len {model.cfg.max_seq_len}]\n" * (reason == "context")
+            print(f"=== {p!r}\n{p}{tok.decode(o)}\n{limit}")
         totals = stats if totals is None else totals + stats
     acc = " ".join(f"{a:.2f}" for a in totals.acceptance) or "-"
+    limited = f", {totals.context_limited} stopped at the context limit" if totals.context_limited else ""
     print(f"[{'speculative, ' + str(k) + ' draft heads' if k else 'plain decoding'}] {totals.tokens} tokens, "
           f"{totals.tokens_per_forward:.2f} tokens per forward, acceptance per draft position [{acc}], "
-          f"{totals.tokens_per_second:.1f} tokens/s")
+          f"{totals.tokens_per_second:.1f} tokens/s{limited}")
     return 0
 
 

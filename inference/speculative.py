@@ -10,11 +10,17 @@ Greedy decoding is lossless: the output equals plain greedy decoding token for t
 in distribution: a draft x proposed by head j with distribution q is accepted with probability
 min(1, p(x)/q(x)) against head 1's distribution p, and on rejection the token is drawn from
 normalize(max(0, p - q)) (Leviathan et al. 2023; Chen et al. 2023), temperature and top-p applied to both.
+
+A sequence never grows past the model's context (max_seq_len tokens, prompt included): positions beyond it were
+never trained on. A longer prompt is refused, or cut from the left with a warning (prompt_overflow); a sequence
+that reaches the limit leaves the batch as if it had met a stop token, and no draft is placed past it.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,12 +37,21 @@ class GenerationStats:
     proposed: list[int] = field(default_factory=list)  # drafts proposed at draft position j
     accepted: list[int] = field(default_factory=list)  # ... and accepted
     seconds: float = 0.0
+    # Why each sequence ended, in prompt order: "stop" (a stop token), "length" (max_new_tokens) or "context"
+    # (it reached the model's max_seq_len).
+    finish_reasons: list[str] = field(default_factory=list)
 
     def __add__(self, other: GenerationStats) -> GenerationStats:
         """Totals over several generate() calls (batches) with the same number of draft heads."""
         return GenerationStats(self.forwards + other.forwards, self.sequence_steps + other.sequence_steps,
                                self.tokens + other.tokens, [a + b for a, b in zip(self.proposed, other.proposed)],
-                               [a + b for a, b in zip(self.accepted, other.accepted)], self.seconds + other.seconds)
+                               [a + b for a, b in zip(self.accepted, other.accepted)], self.seconds + other.seconds,
+                               self.finish_reasons + other.finish_reasons)
+
+    @property
+    def context_limited(self) -> int:
+        """Sequences stopped by the model's context rather than by a stop token or max_new_tokens."""
+        return self.finish_reasons.count("context")
 
     @property
     def tokens_per_forward(self) -> float:
@@ -50,6 +65,31 @@ class GenerationStats:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
+
+
+PROMPT_OVERFLOW = ("error", "truncate-left")
+
+
+class ContextOverflowError(ValueError):
+    """A prompt leaves no room to generate within the model's context (max_seq_len)."""
+
+
+def fit_prompt(prompt: list[int], max_seq_len: int, overflow: str = "error", name: str = "prompt",
+               warn: Callable[[str], None] | None = None) -> list[int]:
+    """The prompt if it leaves room for at least one generated token within max_seq_len; else refused
+    (overflow="error") or its last max_seq_len - 1 tokens, with a warning (overflow="truncate-left")."""
+    if overflow not in PROMPT_OVERFLOW:
+        raise ValueError(f"prompt_overflow: expected one of {', '.join(PROMPT_OVERFLOW)}, got {overflow!r}")
+    room = max_seq_len - 1
+    if len(prompt) <= room:
+        return prompt
+    what = (f"{name} has {len(prompt)} tokens, more than the {room} a prompt may have: the model's context "
+            f"(max_seq_len) is {max_seq_len} tokens and one must be left to generate")
+    if overflow == "error":
+        raise ContextOverflowError(f"{what}; shorten it, or keep its last {room} tokens with prompt_overflow "
+                                   f"'truncate-left' (mtp-generate --prompt-overflow truncate-left)")
+    (warn or (lambda m: warnings.warn(m, stacklevel=4)))(f"{what}; kept its last {room} tokens")
+    return prompt[-room:]
 
 
 def filtered_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -67,6 +107,7 @@ class MTPGenerator:
     def __init__(self, model):
         self.model = model.eval()
         self.n_heads = model.cfg.n_future_tokens
+        self.max_seq_len = model.cfg.max_seq_len
         self.heads = StackedHeads(model)  # a copy of the head weights: build a new generator after training more
 
     def _forward(self, cache: ModelKVCache, tokens: torch.Tensor, n_heads: int):
@@ -88,13 +129,18 @@ class MTPGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, draft_heads: int | None = None,
-                 temperature: float = 0.0, top_p: float = 1.0, stop_tokens=(), seed: int | None = None):
-        """Returns (generated token lists without the prompts or stop tokens, GenerationStats)."""
+                 temperature: float = 0.0, top_p: float = 1.0, stop_tokens=(), seed: int | None = None,
+                 prompt_overflow: str = "error"):
+        """Returns (generated token lists without the prompts or stop tokens, GenerationStats). A prompt longer
+        than max_seq_len - 1 tokens raises ContextOverflowError, or with prompt_overflow="truncate-left" is cut
+        to its last max_seq_len - 1 tokens with a warning; no sequence grows past max_seq_len tokens."""
         k = self.n_heads - 1 if draft_heads is None else draft_heads
         if not 0 <= k <= self.n_heads - 1:
             raise ValueError(f"draft_heads must be between 0 and {self.n_heads - 1} (the model's extra heads), got {k}")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        L = self.max_seq_len
+        prompts = [fit_prompt(p, L, prompt_overflow, f"prompt {i}") for i, p in enumerate(prompts)]
         sample = temperature > 0
         device = next(self.model.parameters()).device
         gen = torch.Generator(device=device)
@@ -103,8 +149,8 @@ class MTPGenerator:
         lens = torch.tensor([len(p) for p in prompts], device=device)
         P = int(lens.max())
         # A sequence in the batch has fewer than max_new_tokens generated, all but the pending one cached, and a
-        # step writes the pending token and k drafts after them.
-        cache = ModelKVCache(self.model, B, P + max_new_tokens + k)
+        # step writes the pending token and k drafts after them, never past the context (see k_step below).
+        cache = ModelKVCache(self.model, B, min(P + max_new_tokens + k, L))
         stats = GenerationStats(proposed=[0] * k, accepted=[0] * k)
         t0 = time.perf_counter()
 
@@ -124,18 +170,24 @@ class MTPGenerator:
         # Bookkeeping is in Python lists, moved from the device once per step: per-element reads of device
         # tensors would each synchronise with a GPU.
         done = [False] * B
+        reasons = [""] * B
+        room = [L - len(p) for p in prompts]  # tokens each sequence may generate within the context
         stop = set(int(s) for s in stop_tokens)
+
+        def finish(b: int, reason: str) -> None:
+            done[b], reasons[b] = True, reason
 
         def emit(b: int, tok: int) -> None:
             if done[b]:
                 return
             if tok in stop:
-                done[b] = True
-                return
+                return finish(b, "stop")
             out[b].append(tok)
             stats.tokens += 1
             if len(out[b]) >= max_new_tokens:
-                done[b] = True
+                finish(b, "length")
+            elif len(out[b]) >= room[b]:
+                finish(b, "context")
 
         for b, tok in enumerate(pending.tolist()):
             emit(b, tok)
@@ -151,13 +203,18 @@ class MTPGenerator:
                 alive = [alive[r] for r in keep]
             n_rows = len(alive)
             rows = torch.arange(n_rows, device=device)
-            step_in = torch.cat([pending.unsqueeze(1), drafts], dim=1)  # (rows, k + 1)
+            # The pending token sits at position prompt + generated - 1; drafts after it stop at the last position
+            # of the context (the KV caches end there), for the whole step: only the last steps of a sequence
+            # near the limit draft less.
+            k_step = min([k] + [room[b] - len(out[b]) for b in alive])
+            drafts, q = drafts[:, :k_step], None if q is None else q[:, :k_step]
+            step_in = torch.cat([pending.unsqueeze(1), drafts], dim=1)  # (rows, k_step + 1)
             logits, hidden = self._forward(cache, step_in, k + 1)
             stats.forwards += 1
             stats.sequence_steps += n_rows
             n_acc, new_pending = self._verify(logits, drafts, q, rows, sample, temperature, top_p, gen)
             for b, a, drafted, tok in zip(alive, n_acc.tolist(), drafts.tolist(), new_pending.tolist()):
-                for j in range(k):  # draft j was judged only if drafts before it were accepted
+                for j in range(k_step):  # draft j was judged only if drafts before it were accepted
                     stats.proposed[j] += int(j <= a)
                     stats.accepted[j] += int(j < a)
                 for j in range(a):
@@ -168,6 +225,7 @@ class MTPGenerator:
             pending = new_pending
             drafts, q = self._draft(hidden, rows, n_acc, k, sample, temperature, top_p, gen)
         stats.seconds = time.perf_counter() - t0
+        stats.finish_reasons = reasons
         return out, stats
 
     def _verify(self, logits, drafts, q, rows, sample, temperature, top_p, gen):

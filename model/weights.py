@@ -43,15 +43,26 @@ def state_dict_for_save(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -
     return sd
 
 
+def _apply_umask(folder: Path) -> None:
+    """Give folder and everything in it the permissions a plain mkdir/open would: mkdtemp makes 0700 and
+    safetensors writes 0600, which would keep a shared run folder's model from the rest of the team."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_folder(out_dir: str | Path):
     """Yield a temporary folder beside out_dir; on success it replaces out_dir, on error it is removed,
-    so a folder at out_dir is always complete."""
+    so a folder at out_dir is always complete. The result has the umask's permissions, like any other output."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
+        _apply_umask(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,16 +41,40 @@ def format_metrics(step: int, total_steps: int, m: dict) -> str:
     return " | ".join(parts)
 
 
+def _step_of(line: str) -> float:
+    """A record's step; a line cut short by a kill mid-write counts as past every step (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsLogger:
     def __init__(self, out_dir: Path, rank: int, total_steps: int, start_step: int, metrics_file: str, monitor=None):
         self.rank = rank
         self.total_steps = total_steps
         self.log = rank_logger(out_dir, rank)
         self.monitor = monitor if (monitor is not None and getattr(monitor, "enabled", False)) else None
-        self.jsonl = open(out_dir / metrics_file, "a") if rank == 0 else None
+        self.path = out_dir / metrics_file
+        self.jsonl = open(self.path, "a") if rank == 0 else None
         self.bar = None
         if rank == 0 and sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
+
+    def start_at(self, step: int) -> None:
+        """The run continues after `step` (0: a fresh run): drop the records of later steps, left by a run that
+        went on past the checkpoint resumed from, so the file keeps one record per step and kind, of this run.
+        Rewritten under a temporary name and renamed, so a kill meanwhile loses nothing."""
+        if self.rank != 0:
+            return
+        self.jsonl.close()
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        self.jsonl = open(self.path, "a")
+        if self.bar is not None:
+            self.bar.n = self.bar.last_print_n = step
 
     def write(self, step: int, kind: str, metrics: dict, echo: bool) -> None:
         if self.rank != 0:

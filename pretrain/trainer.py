@@ -145,6 +145,7 @@ class Trainer:
             self.engine.lr_scheduler.apply()  # ZeRO loads its optimizer state (and the saved rate) last
             self.logger.info(f"resumed from {resume_from} at step {self.step} "
                              f"({self.consumed_samples} samples consumed)")
+        self.logger.start_at(self.step)  # records past the checkpoint belong to the run being replaced
         build = data_loaders or self._build_loaders
         self.train_loader, self.valid_loader = build(self.consumed_samples, self.layout.dp_rank, self.dp_world)
         self._describe()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtplm.inference.kv_cache import LayerKVCache, ModelKVCache
-from mtplm.inference.speculative import MTPGenerator, filtered_probs
+from mtplm.inference.speculative import ContextOverflowError, MTPGenerator, filtered_probs
 from mtplm.inference.stacked_heads import StackedHeads
 from mtplm.model.config import ModelConfig
 from mtplm.model.transformer import MTPTransformer
@@ -207,3 +207,90 @@ def test_speculative_sampling_is_lossless_in_distribution(trained):
         x = torch.tensor([prompt])
         q2 = filtered_probs(trained(x, all_heads=True).logits[1, 0, -1], temperature, top_p).double()
     assert 0.5 * (q2 - p2).abs().sum().item() > 0.1
+
+
+def with_context(model, max_seq_len):
+    short = copy.deepcopy(model)
+    short.cfg.max_seq_len = max_seq_len
+    return short
+
+
+@pytest.fixture
+def positions_fed(monkeypatch):
+    """Every KV cache's size, and the largest position any forward wrote, over the generate() calls."""
+    seen = {"allocated": 0, "position": -1}
+
+    class Recording(ModelKVCache):
+        def __init__(self, model, batch, max_len, *a, **kw):
+            super().__init__(model, batch, max_len, *a, **kw)
+            seen["allocated"] = max(seen["allocated"], max_len)
+
+        def prepare(self, n_new):
+            positions, mask = super().prepare(n_new)
+            seen["position"] = max(seen["position"], int(positions.max()))
+            return positions, mask
+
+    monkeypatch.setattr("mtplm.inference.speculative.ModelKVCache", Recording)
+    return seen
+
+
+def test_generation_stops_exactly_at_the_context_limit(trained, positions_fed):
+    """With room for more new tokens than the context holds, every sequence ends at max_seq_len tokens, prompt
+    included, marked "context"; speculative greedy equals plain greedy up to the limit, and no draft (nor cache
+    slot) lies past it."""
+    L = 40
+    model = with_context(trained, L)
+    gen = MTPGenerator(model)
+    long = motif_batch(torch.Generator().manual_seed(15), bs=1, T=40)[0].tolist()
+    prompts = random_prompts(torch.Generator().manual_seed(12), 5) + [long[: L - 1], long[: L - 3]]
+    plain, stats = gen.generate(prompts, 100, draft_heads=0)
+    assert [len(p) + len(o) for p, o in zip(prompts, plain)] == [L] * len(prompts)
+    assert stats.finish_reasons == ["context"] * len(prompts) and stats.context_limited == len(prompts)
+    assert plain[0] == reference_greedy(model, prompts[0], L - len(prompts[0]))
+    for k in (1, 2, 3):
+        spec, s = gen.generate(prompts, 100, draft_heads=k)
+        assert spec == plain and s.finish_reasons == stats.finish_reasons, f"k={k}"
+        assert s.tokens / s.sequence_steps > 1.2  # the limit does not stop drafting early
+    assert positions_fed["position"] == L - 1  # a draft may sit in the last slot, never past it
+    assert positions_fed["allocated"] <= L
+
+
+def test_mixed_lengths_stop_each_at_its_own_limit(trained):
+    """A batch where one sequence ends by max_new_tokens, one by a stop token and the others by the context:
+    each leaves the batch at its own limit and gets what it gets alone."""
+    L = 40
+    gen = MTPGenerator(with_context(trained, L))
+    g = torch.Generator().manual_seed(13)
+    prompts = [motif_batch(g, bs=1, T=40)[0, :n].tolist() for n in (5, 12, 20, 35, 39)]
+    stop = gen.generate(prompts[1:2], 30)[0][0][8]
+    plain, stats = gen.generate(prompts, 30, draft_heads=0, stop_tokens=[stop])
+    spec, s3 = gen.generate(prompts, 30, draft_heads=3, stop_tokens=[stop])
+    alone = [gen.generate([p], 30, draft_heads=3, stop_tokens=[stop])[0][0] for p in prompts]
+    assert spec == plain == alone
+    assert stats.finish_reasons[:2] == ["length", "stop"] and len(plain[0]) == 30
+    assert stats.finish_reasons[2:] == s3.finish_reasons[2:] == ["context"] * 3
+    assert [len(o) for o in plain[2:]] == [L - 20, L - 35, L - 39]
+
+
+def test_prompt_past_the_context_is_refused_or_cut_from_the_left(trained):
+    L = 40
+    gen = MTPGenerator(with_context(trained, L))
+    g = torch.Generator().manual_seed(14)
+    fits, too_long, just_over = (motif_batch(g, bs=1, T=70)[0, :n].tolist() for n in (10, 60, L))
+    with pytest.raises(ContextOverflowError, match=r"prompt 1 has 60 tokens, more than the 39 .*\(max_seq_len\) is 40"):
+        gen.generate([fits, too_long], 5)
+    with pytest.raises(ContextOverflowError, match="prompt 0 has 40 tokens"):  # no room left to generate
+        gen.generate([just_over], 5)
+    for k in (0, 3):
+        with pytest.warns(UserWarning) as caught:
+            out, stats = gen.generate([fits, too_long, just_over], 5, draft_heads=k, prompt_overflow="truncate-left")
+        assert [str(w.message) for w in caught] == [
+            "prompt 1 has 60 tokens, more than the 39 a prompt may have: the model's context (max_seq_len) is 40 "
+            "tokens and one must be left to generate; kept its last 39 tokens",
+            "prompt 2 has 40 tokens, more than the 39 a prompt may have: the model's context (max_seq_len) is 40 "
+            "tokens and one must be left to generate; kept its last 39 tokens"]
+        want, _ = gen.generate([fits, too_long[-(L - 1):], just_over[-(L - 1):]], 5, draft_heads=k)
+        assert out == want and [len(o) for o in out] == [5, 1, 1]
+        assert stats.finish_reasons == ["length", "context", "context"]
+    with pytest.raises(ValueError, match="prompt_overflow: expected one of error, truncate-left, got 'cut'"):
+        gen.generate([fits], 5, prompt_overflow="cut")
