@@ -14,7 +14,7 @@ from mtplm.inference.kv_cache import ModelKVCache
 from mtplm.inference.speculative import MTPGenerator
 from mtplm.model.config import ModelConfig, RopeScaling, ffn_rule_for, meta_ffn_width
 from mtplm.model.transformer import MTPTransformer, rotary_frequencies
-from mtplm.model.weights import load_model, save_model
+from mtplm.model.weights import load_model
 from mtplm.pretrain import import_config
 from mtplm.pretrain.hf_export import export_hf
 from mtplm.pretrain.hf_import import main as import_main

@@ -5,7 +5,6 @@ import os
 import stat
 
 import pytest
-import torch
 
 from conftest import tiny_model_config
 from mtplm.model.transformer import MTPTransformer
