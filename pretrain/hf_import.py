@@ -102,12 +102,7 @@ def load_hf_export(path: str | Path, n_future_tokens: int | None = None) -> MTPT
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        hf_cfg = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-    if not isinstance(hf_cfg, dict):
-        raise ValueError(f"{config_file}: expected a JSON object, got {type(hf_cfg).__name__}")
+    hf_cfg = _json_object(config_file)
     mtp = json.loads((folder / MTP_CONFIG).read_text()) if (folder / MTP_CONFIG).is_file() else None
     n_hf = hf_cfg.get("num_hidden_layers")
     use_mtp = mtp is not None and n_future_tokens in (None, mtp["n_future_tokens"])
@@ -143,16 +138,21 @@ def load_hf_export(path: str | Path, n_future_tokens: int | None = None) -> MTPT
     return model
 
 
+def _json_object(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def load_meta_native(path: str | Path) -> MTPTransformer:
     """Meta's release format: params.json + consolidated.00.pth (.. .NN.pth for model-parallel shards)."""
     folder = Path(path)
     params_file = folder / "params.json"
-    try:
-        params = json.loads(params_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{params_file}: not valid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"{params_file}: expected a JSON object, got {type(params).__name__}")
+    params = _json_object(params_file)
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise FileNotFoundError(f"{folder}: no consolidated.*.pth")

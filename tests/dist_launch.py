@@ -18,6 +18,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
+    """(exit code, output) of every process; past the timeout all of them are killed (one hung rank would
+    otherwise keep the others waiting in a collective)."""
+    results = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            out, _ = p.communicate()
+            out += "\n[timed out]"
+        results.append((p.returncode, out))
+    return results
+
+
 def run_ranks(world_size: int, argv: list[str], timeout: float = 600, log_dir: Path | None = None) -> None:
     """Run `python argv...` as world_size ranks; raise with every rank's output if any fails."""
     port = free_port()
@@ -28,17 +44,9 @@ def run_ranks(world_size: int, argv: list[str], timeout: float = 600, log_dir: P
                    DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=REPO, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
-    outputs, failed = [], False
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            out, _ = p.communicate()
-            out += "\n[timed out]"
-        outputs.append(out)
-        failed |= p.returncode != 0
+    results = wait_all(procs, timeout)
+    outputs = [out for _, out in results]
+    failed = any(rc != 0 for rc, _ in results)
     if log_dir is not None:
         for rank, out in enumerate(outputs):
             (Path(log_dir) / f"stdout_rank{rank}.txt").write_text(out)

@@ -18,6 +18,7 @@ from mtplm.model.weights import load_model
 from mtplm.pretrain import import_config
 from mtplm.pretrain.hf_export import export_hf
 from mtplm.pretrain.hf_import import main as import_main
+from test_speculative import assert_ragged_cached_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -144,17 +145,7 @@ def test_cached_decoding_with_scaled_rope_equals_cache_free(rope):
     gen = MTPGenerator(model)
     seqs = torch.randint(0, 64, (2, 100))
     want = logits(model, seqs)
-    cache = ModelKVCache(model, 2, 100)
-    starts = [0, 0]
-    with torch.no_grad():
-        for row_steps in ([60, 50], [5, 7], [20, 30]):
-            width = max(row_steps)
-            step = torch.stack([seqs[b, starts[b]:starts[b] + width] for b in range(2)])
-            got, _ = gen._forward(cache, step, 4)
-            for b, n in enumerate(row_steps):
-                torch.testing.assert_close(got[b, :n], want[b, starts[b]:starts[b] + n], atol=1e-4, rtol=1e-4)
-            starts = [s + n for s, n in zip(starts, row_steps)]
-            cache.lengths = torch.tensor(starts)
+    assert_ragged_cached_logits(gen, ModelKVCache(model, 2, 100), seqs, want, ([60, 50], [5, 7], [20, 30]))
     prompts = [seqs[0, :60].tolist(), seqs[1, :7].tolist()]
     out, _ = gen.generate(prompts, 20, draft_heads=3)
     for p, o in zip(prompts, out):

@@ -16,12 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_launch import REPO, free_port
+from dist_launch import REPO, free_port, wait_all
 from mtplm.data.config import DataConfig
 from mtplm.data.fingerprint import data_fingerprint, differences, digest
 from mtplm.data.indexed_dataset import IndexedDatasetWriter, token_dtype
 from mtplm.data.synthetic import write_token_dataset
 from mtplm.pretrain.checkpoint import DATA_KEY, data_problem
+from test_checkpoint_resume import metrics
 
 VOCAB = 200
 CONFIG = {
@@ -66,17 +67,7 @@ def two_nodes(tmp: Path, node_args, timeout=300) -> list[tuple[int, str]]:
         env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
-    results = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            out, _ = p.communicate()
-            out += "\n[timed out]"
-        results.append((p.returncode, out))
-    return results
+    return wait_all(procs, timeout)
 
 
 def node_data(tmp: Path, n: int, where: str = "data", extra_document: bool = False) -> list[str]:
@@ -85,15 +76,6 @@ def node_data(tmp: Path, n: int, where: str = "data", extra_document: bool = Fal
 
 def datasets(specs) -> list[str]:
     return ["--data.datasets", json.dumps(specs)]
-
-
-def train_records(out: Path) -> dict[int, dict]:
-    records = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] == "train":
-            records[r["step"]] = r
-    return records
 
 
 def assert_ok(results):
@@ -122,7 +104,7 @@ def test_moved_data_resumes_exactly_like_an_uninterrupted_run(tmp_path):
     results = two_nodes(tmp_path, [datasets(node_data(tmp_path, n)) + ["--train.out_dir", str(full)]
                                    for n in range(2)])
     assert_ok(results)
-    assert sorted(train_records(full)) == [1, 2, 3, 4]
+    assert sorted(metrics(full)) == [1, 2, 3, 4]
     # each node built its own index cache beside its own copy
     assert all(any((tmp_path / f"node{n}" / "data" / "code" / "index_cache").iterdir()) for n in range(2))
 
@@ -140,7 +122,7 @@ def test_moved_data_resumes_exactly_like_an_uninterrupted_run(tmp_path):
                                    for n in range(2)])
     assert_ok(results)
     assert "resumed from" in results[0][1] and "at step 2" in results[0][1]
-    a, b = train_records(full), train_records(resumed)
+    a, b = metrics(full), metrics(resumed)
     assert sorted(b) == [3, 4]
     for step in (3, 4):
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6, abs=1e-6), f"step {step}"

@@ -77,16 +77,12 @@ def test_stacked_heads_equal_each_heads_own_block(trained, n_run):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_cached_logits_equal_cache_free_logits(trained):
-    """Prefill, then steps of several tokens, through the KV caches (grouped-query attention read in place, two
-    sequences at different lengths): head 1's logits equal the model's on the whole sequence, to rounding."""
-    gen = MTPGenerator(trained)
-    seqs = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(4))
-    cache = ModelKVCache(trained, 2, 32)
+def assert_ragged_cached_logits(gen, cache, seqs, want, schedule):
+    """Feed two sequences through the KV caches in steps of the given per-row widths (a ragged batch: the
+    shorter row's extra tokens are padding the next step overwrites); head 1's logits equal `want` there."""
     starts = [0, 0]
     with torch.no_grad():
-        want = trained(seqs).logits
-        for row_steps in ([12, 9], [3, 5], [6, 2]):
+        for row_steps in schedule:
             width = max(row_steps)
             step = torch.stack([seqs[b, starts[b]:starts[b] + width] for b in range(2)])
             got, _ = gen._forward(cache, step, 4)
@@ -94,6 +90,16 @@ def test_cached_logits_equal_cache_free_logits(trained):
                 torch.testing.assert_close(got[b, :n], want[b, starts[b]:starts[b] + n], atol=1e-4, rtol=1e-4)
             starts = [s + n for s, n in zip(starts, row_steps)]
             cache.lengths = torch.tensor(starts)
+
+
+def test_cached_logits_equal_cache_free_logits(trained):
+    """Prefill, then steps of several tokens, through the KV caches (grouped-query attention read in place, two
+    sequences at different lengths): head 1's logits equal the model's on the whole sequence, to rounding."""
+    gen = MTPGenerator(trained)
+    seqs = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = trained(seqs).logits
+    assert_ragged_cached_logits(gen, ModelKVCache(trained, 2, 32), seqs, want, ([12, 9], [3, 5], [6, 2]))
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
