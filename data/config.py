@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mtplm.model.config import ConfigError
+from mtplm.config import ConfigError
 
 
 @dataclass

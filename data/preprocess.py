@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mtplm.model.config import ConfigError
-from mtplm.pretrain.config import config_error_exit, from_dict, merge, parse_overrides, read_config_file
+from mtplm.config import ConfigError, config_error_exit, from_dict, merge, parse_overrides, read_config_file
 
 from .indexed_dataset import IndexedDatasetWriter, token_dtype
 from .manifest import DATASET_MANIFEST, TOOL_VERSION, read_manifest, shard_manifest_path, write_json_atomic

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mtplm.model.config import ConfigError
-from mtplm.pretrain.config import config_error_exit, from_dict, parse_overrides
+from mtplm.config import ConfigError, config_error_exit, from_dict, parse_overrides
 
 from .speculative import PROMPT_OVERFLOW, MTPGenerator, fit_prompt
 
@@ -85,7 +84,7 @@ def read_prompts(path: str) -> list[tuple[str, str]]:
 
 def load_any(path: Path):
     if (path / "config.json").is_file():
-        from mtplm.pretrain.hf_import import load_hf_export
+        from mtplm.conversion.hf_import import load_hf_export
 
         return load_hf_export(path)
     from mtplm.model.weights import load_model

@@ -5,10 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, of the wrong type, or impossible. The message names the key."""
-
+from mtplm.config import ConfigError  # noqa: F401 (re-exported: the model's own validation raises it)
 
 ROPE_TYPES = ("default", "linear", "llama3")
 # Meta's constants for Llama 3.1's rope scaling (params.json `use_scaled_rope: true`).

@@ -1,29 +1,23 @@
-"""The one configuration system: typed dataclasses, loaded from YAML or JSON, overridden from the command line.
+"""The training configuration: typed dataclasses, loaded like every tool's options (mtplm.config).
 
     cfg = load_config(TrainConfig, "configs/tiny.yaml", ["--model.n_future_tokens", "4"])
 
 Unknown keys, wrong types and impossible combinations fail at load time with a ConfigError naming the key.
-Every entry point (training, preprocessing, generation, conversion) builds its options this way.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from mtplm.config import ConfigError, config_error_exit, from_dict, load_config, parse_overrides, to_dict
 from mtplm.data.config import DataConfig
-from mtplm.model.config import ConfigError, ModelConfig
+from mtplm.model.config import ModelConfig
 
+# The loading functions are re-exported: training code and its tests take them from here with TrainConfig.
 __all__ = ["ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "TrainLoopConfig", "ParallelConfig", "TrainConfig",
-           "load_config", "from_dict", "to_dict", "parse_overrides"]
+           "load_config", "from_dict", "to_dict", "parse_overrides", "config_error_exit", "check_input_files"]
 
 
 @dataclass
@@ -152,153 +146,6 @@ class TrainConfig:
                               f"{m.vocab_pad_multiple})")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value, tp, key: str):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, prefix=key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if tp is dict or typing.get_origin(tp) is dict:
-        if isinstance(value, dict):
-            return value
-        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-    raise ConfigError(f"{key}: unsupported field type {tp}")
-
-
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass `cls` from a plain dict, checking keys and types; nested dataclasses recurse."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + u for u in unknown)}; "
-            f"valid keys{' under ' + prefix if prefix else ''}: {', '.join(sorted(names))}"
-        )
-    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def read_config_file(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def parse_overrides(args: list[str]) -> dict:
-    """['--model.dim', '64', '--train.steps=10'] -> {'model': {'dim': 64}, 'train': {'steps': 10}}.
-
-    Values are read as YAML scalars or flow lists ('4', '3e-4', 'true', '[1, 0.3]'); '--flag' alone means true.
-    """
-    out: dict = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key value")
-        key, eq, raw = arg[2:].partition("=")
-        if not eq:
-            if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                raw, i = args[i + 1], i + 1
-            else:
-                raw = "true"
-        i += 1
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = out
-        parts = key.replace("-", "_").split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--{key}: {part} is set both as a value and as a section")
-        node[parts[-1]] = value
-    return out
-
-
-def merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
-    data = read_config_file(path) if path else {}
-    if overrides:
-        data = merge(data, parse_overrides(overrides))
-    return from_dict(cls, data)
-
-
 def check_input_files(cfg: TrainConfig, datasets: bool = True) -> None:
     """What needs no process group is checked when the config loads, before DeepSpeed starts: the files the run
     reads exist. `datasets`: the run reads cfg.data (not when a caller brings its own loaders)."""
@@ -331,8 +178,3 @@ def check_input_files(cfg: TrainConfig, datasets: bool = True) -> None:
         resolve_resume(t.resume, t.out_dir)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
-
-
-def config_error_exit(e: ConfigError, prog: str = "") -> typing.NoReturn:
-    print(f"{prog + ': ' if prog else ''}configuration error: {e}", file=sys.stderr)
-    raise SystemExit(2)

@@ -38,8 +38,8 @@ def test_hf_export_heads_speculate_like_our_checkpoint(tmp_path):
     import pytest
 
     pytest.importorskip("transformers")
-    from mtplm.pretrain.hf_export import export_hf
-    from mtplm.pretrain.hf_import import load_hf_export
+    from mtplm.conversion.hf_export import export_hf
+    from mtplm.conversion.hf_import import load_hf_export
 
     torch.manual_seed(0)
     model = MTPTransformer(tiny_model_config(vocab_size=200)).eval()

@@ -12,8 +12,8 @@ from conftest import tiny_model_config
 from dist_launch import REPO, run_ranks
 from mtplm.model.transformer import MTPTransformer
 from mtplm.model.weights import save_model
-from mtplm.pretrain.hf_export import HEADS_FILE, export_hf, main as export_main
-from mtplm.pretrain.hf_import import load_hf_export, load_meta_native, main as import_main
+from mtplm.conversion.hf_export import HEADS_FILE, export_hf, main as export_main
+from mtplm.conversion.hf_import import load_hf_export, load_meta_native, main as import_main
 
 transformers = pytest.importorskip("transformers")
 

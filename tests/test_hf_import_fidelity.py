@@ -15,9 +15,9 @@ from mtplm.inference.speculative import MTPGenerator
 from mtplm.model.config import ModelConfig, RopeScaling, ffn_rule_for, meta_ffn_width
 from mtplm.model.transformer import MTPTransformer, rotary_frequencies
 from mtplm.model.weights import load_model
-from mtplm.pretrain import import_config
-from mtplm.pretrain.hf_export import export_hf
-from mtplm.pretrain.hf_import import main as import_main
+from mtplm.conversion import import_config
+from mtplm.conversion.hf_export import export_hf
+from mtplm.conversion.hf_import import main as import_main
 from test_speculative import assert_ragged_cached_logits
 
 transformers = pytest.importorskip("transformers")

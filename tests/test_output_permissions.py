@@ -24,7 +24,7 @@ def modes(folder):
 
 def test_consolidated_and_hf_folders_follow_the_umask(tmp_path, umask):
     pytest.importorskip("transformers")
-    from mtplm.pretrain.hf_export import export_hf
+    from mtplm.conversion.hf_export import export_hf
 
     tokenizer = tmp_path / "tokenizer.bin"
     tokenizer.write_bytes(b"x")

@@ -13,7 +13,7 @@ from dist_launch import run_ranks
 from dist_training import TINY, assert_matches, ds_json, tiny_with, train
 from mtplm.data.synthetic import write_token_dataset
 from mtplm.pretrain.config import ConfigError, TrainConfig, from_dict
-from mtplm.pretrain.consolidate import consolidated_state_dict
+from mtplm.conversion.consolidate import consolidated_state_dict
 from mtplm.pretrain.ds_config import build_ds_config
 from mtplm.pretrain.pipeline import meta_name
 

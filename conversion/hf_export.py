@@ -22,10 +22,8 @@ from safetensors.torch import save_file
 from mtplm.model.weights import atomic_folder
 
 from .consolidate import consolidated_state_dict
-from .hf_layout import main_stack_layers, to_hf
+from .hf_layout import HEADS_FILE, MTP_CONFIG, main_stack_layers, to_hf
 
-HEADS_FILE = "mtp_heads.safetensors"
-MTP_CONFIG = "mtp_config.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -21,7 +21,7 @@ from mtplm.model.config import ModelConfig
 from mtplm.model.transformer import MTPTransformer
 from mtplm.model.weights import save_model
 
-from .hf_export import HEADS_FILE, MTP_CONFIG
+from .hf_layout import HEADS_FILE, MTP_CONFIG, from_hf, to_hf
 from .import_config import hf_model_config, meta_model_config
 
 # Meta's model-parallel shards: dimension each weight is split along (None: replicated).
@@ -96,8 +96,6 @@ def _unpadded_shapes(cfg: ModelConfig) -> dict:
 
 def load_hf_export(path: str | Path, n_future_tokens: int | None = None) -> MTPTransformer:
     """Our model from a Hugging Face Llama folder; the heads come from mtp_heads.safetensors when present."""
-    from .hf_layout import from_hf, to_hf
-
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():

@@ -20,9 +20,9 @@ import torch
 from mtplm.model.config import ModelConfig
 from mtplm.model.weights import PARAMS_FILE, WEIGHTS_FILE, load_model, model_config_from_json
 
-from .checkpoint import CONFIG_FILE, LATEST
-from .pipeline import meta_name
-from .tensor_parallel import merge_tensor_parallel_shards
+from mtplm.pretrain.checkpoint import CONFIG_FILE, LATEST
+from mtplm.pretrain.pipeline import meta_name
+from mtplm.pretrain.tensor_parallel import merge_tensor_parallel_shards
 
 _MP_RANK = re.compile(r"mp_rank_(\d+)")
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")

@@ -11,6 +11,10 @@ import torch
 
 from mtplm.model.config import ModelConfig
 
+# An export's extra heads and their description, beside the Llama folder (written by hf_export, read by hf_import).
+HEADS_FILE = "mtp_heads.safetensors"
+MTP_CONFIG = "mtp_config.json"
+
 _BLOCK = {
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",
