@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from mtplm.model.weights import atomic_folder
 
 from .consolidate import consolidated_state_dict
-from .hf_layout import HEADS_FILE, MTP_CONFIG, main_stack_layers, to_hf
+from .hf_layout import HEADS_FILE, MTP_CONFIG, to_hf
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,7 +42,7 @@ def llama_config(cfg, dtype: torch.dtype, eod_id: int | None, bos_id: int | None
 
     return LlamaConfig(rope_scaling=hf_rope_scaling(cfg),
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_hidden_dim,
-        num_hidden_layers=main_stack_layers(cfg), num_attention_heads=cfg.n_heads,
+        num_hidden_layers=cfg.n_main_layers, num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.kv_heads, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
         max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings,
         hidden_act="silu", attention_bias=False, mlp_bias=False, eos_token_id=eod_id, bos_token_id=bos_id,

@@ -57,17 +57,13 @@ def block_from_hf(sd: dict, src_prefix: str, dst_prefix: str, cfg: ModelConfig) 
     return _convert_block(sd, src_prefix, dst_prefix, _BLOCK_BACK, rotary, from_hf_rotary)
 
 
-def main_stack_layers(cfg: ModelConfig) -> int:
-    return cfg.n_layers - cfg.n_future_tokens + 1
-
-
 def to_hf(sd: dict, cfg: ModelConfig) -> tuple[dict, dict]:
     """(LlamaForCausalLM state dict = trunk + head 1, extra heads with HF block names)."""
     V = cfg.vocab_size
     hf = {"model.embed_tokens.weight": sd["tok_embeddings.weight"][:V], "model.norm.weight": sd["norm.weight"]}
     if not cfg.tie_embeddings:
         hf["lm_head.weight"] = sd["output.weight"][:V]
-    for i in range(main_stack_layers(cfg)):
+    for i in range(cfg.n_main_layers):
         hf.update(block_to_hf(sd, f"layers.{i}.", f"model.layers.{i}.", cfg))
     heads = {}
     for j in range(cfg.n_future_tokens - 1):

@@ -94,7 +94,7 @@ def ffn_rule_for(dim: int, width: int) -> tuple[int, float | None] | None:
 class ModelConfig:
     dim: int = 4096
     # Every transformer block, heads included (Meta's convention): the main stack holds
-    # n_layers - n_future_tokens + 1 blocks, the last of which is head 1.
+    # n_main_layers = n_layers - n_future_tokens + 1 blocks, the last of which is head 1.
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: int | None = None
@@ -175,6 +175,12 @@ class ModelConfig:
     def n_trunk_layers(self) -> int:
         """Blocks shared by all heads (the main stack minus its last block, which is head 1)."""
         return self.n_layers - self.n_future_tokens
+
+    @property
+    def n_main_layers(self) -> int:
+        """Blocks of the main stack, Meta's `layers`: the trunk and head 1 (a Hugging Face export's
+        num_hidden_layers); the other n - 1 heads are `extra_heads`."""
+        return self.n_trunk_layers + 1
 
     @property
     def ffn_hidden_dim(self) -> int:

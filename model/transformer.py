@@ -65,6 +65,11 @@ def rotary_tables(positions: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tens
     return angles.cos(), angles.sin()
 
 
+def rope_for(x: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions 0 .. T-1 of a sequence x of shape (B, T, ...): what a training forward uses."""
+    return rotary_tables(torch.arange(x.shape[1], device=x.device).unsqueeze(0), cfg)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x0, x1), (x2, x3), ... as Meta's complex-number formulation does.
 
@@ -205,7 +210,7 @@ class MTPTransformer(nn.Module):
         self.loss_fn = cross_entropy_sum
         vocab = cfg.padded_vocab_size
         self.tok_embeddings = Embedding(vocab, cfg.dim, cfg.init_std, zero_rows_from=cfg.vocab_size)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers - cfg.n_future_tokens + 1))
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_main_layers))
         self.extra_heads = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_future_tokens - 1))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, vocab, cfg.init_std, zero_rows_from=cfg.vocab_size)
@@ -219,9 +224,6 @@ class MTPTransformer(nn.Module):
     def head_block(self, k: int) -> TransformerBlock:
         """The transformer block of head k (0-based: 0 predicts the next token)."""
         return self.layers[-1] if k == 0 else self.extra_heads[k - 1]
-
-    def shared_head_parameters(self) -> list[nn.Parameter]:
-        return [self.norm.weight, self.output.weight]
 
     def rope(self, positions: torch.Tensor):
         return rotary_tables(positions, self.cfg)
@@ -251,8 +253,7 @@ class MTPTransformer(nn.Module):
         times the fp16 loss scale). The sequential path computes head gradients inside this call and needs it.
         """
         B, T = tokens.shape
-        positions = torch.arange(T, device=tokens.device).unsqueeze(0)
-        rope = self.rope(positions)
+        rope = rope_for(tokens, self.cfg)
         h = self.trunk(tokens, rope)
         if return_logits is None:
             return_logits = labels is None

@@ -38,7 +38,7 @@ def load_initial_weights(model, path: str | Path) -> list[str]:
     if src_cfg.tie_embeddings != cfg.tie_embeddings:  # which of two matrices one tied weight starts from is no default
         raise ValueError(f"train.init_from: {path} has tie_embeddings {src_cfg.tie_embeddings}, this run "
                          f"{cfg.tie_embeddings} (set model.tie_embeddings to match)")
-    src_main, dst_main = src_cfg.n_layers - src_cfg.n_future_tokens + 1, cfg.n_layers - cfg.n_future_tokens + 1
+    src_main, dst_main = src_cfg.n_main_layers, cfg.n_main_layers
     notes, source = [], {}
     for name, _ in model.named_parameters():
         src_name = name

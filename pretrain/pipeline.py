@@ -18,11 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mtplm.model.mtp_loss import mtp_loss
-from mtplm.model.transformer import MTPTransformer, rotary_tables
-
-def rope_for(h: torch.Tensor, cfg):
-    positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-    return rotary_tables(positions, cfg)
+from mtplm.model.transformer import MTPTransformer, rope_for
 
 
 class EmbeddingStage(nn.Module):
@@ -85,7 +81,7 @@ class PipelineLoss:
 
 
 def pipeline_layers(model: MTPTransformer) -> list[nn.Module]:
-    trunk = [TrunkBlockStage(model, i) for i in range(len(model.layers) - 1)]
+    trunk = [TrunkBlockStage(model, i) for i in range(model.cfg.n_trunk_layers)]
     return [EmbeddingStage(model), *trunk, HeadsStage(model)]
 
 
