@@ -1,4 +1,5 @@
-"""Multi-token prediction losses: the naive reference and the sequential, chunked path.
+"""Multi-token prediction losses: the naive reference and the sequential, chunked path, held by one MTPLoss
+object that the model owns (and that the pipeline's last stage shares).
 
 The naive path computes every head's logits at once and leaves the backward to autograd; its peak
 memory grows as n * tokens * vocabulary.
@@ -11,18 +12,31 @@ forward of one autograd node, so the caller sees a single loss and a single back
 backward hands dL/dh to the trunk. Peak memory is one head's activations plus one chunk's logits,
 whatever n is.
 
-Because head gradients are produced before the caller's backward runs, the caller must say in
-advance which factor its backward will apply to the loss (`grad_scale`: 1 / gradient accumulation
-steps, times any fp16 loss scale). The node's backward checks that the factor it receives is that
-one and fails loudly otherwise, since parameter gradients would then be silently wrong.
+The contract of the sequential path, since head gradients exist before the caller's backward runs:
+- The caller says in advance which factor its backward will apply to the loss (`grad_scale`: 1 / gradient
+  accumulation steps, times any fp16 loss scale). The node's backward checks that the factor it receives is
+  that one and raises otherwise, since parameter gradients would then be silently wrong.
+- Head gradients are written only by a forward in training mode with grad enabled. In eval() mode (or under
+  no_grad) the forward computes losses only and leaves every gradient alone; back-propagating such a loss
+  raises, naming the mode, instead of training the trunk alone.
+- The order is forward, backward, optimizer step, and zero_grad before the next forward. A loop that clears
+  gradients between the forward and its backward (forward; zero_grad(); backward()) would drop every head,
+  norm and unembedding gradient; the node's backward sees that the gradients the forward wrote are gone and
+  raises with the reason instead of returning a trunk-only gradient. Under DeepSpeed the engine owns the
+  gradients (ZeRO reduces and frees them as soon as they are ready, before the backward) and always runs
+  that order, so the engine seam turns this check off (MTPLoss.engine_owns_grads).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
 
 
 def head_targets(labels: torch.Tensor, seq_len: int, n: int, ignore_index: int) -> torch.Tensor:
@@ -38,23 +52,100 @@ def head_targets(labels: torch.Tensor, seq_len: int, n: int, ignore_index: int) 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, ignore_index: int):
     """Summed cross-entropy of (N, padded_vocab) logits, in fp32; padded vocabulary rows are excluded.
 
-    This is the model's default `loss_fn`; tensor parallelism swaps in a vocabulary-parallel one.
+    MTPLoss's default cross_entropy; tensor parallelism swaps in a vocabulary-parallel one.
     """
     return F.cross_entropy(logits[:, :vocab_size].float(), targets, ignore_index=ignore_index, reduction="sum")
 
 
-def naive_mtp_loss(model, padded_logits: torch.Tensor, targets: torch.Tensor):
-    """padded_logits (n, B, T, padded V), targets (n, B, T) -> (weighted total, per-head mean losses)."""
-    cfg = model.cfg
-    head_losses = []
-    total = padded_logits.new_zeros((), dtype=torch.float32)
-    for k in range(padded_logits.shape[0]):
-        valid = (targets[k] != cfg.ignore_index).sum()
-        loss_sum = model.loss_fn(padded_logits[k].flatten(0, 1), targets[k].flatten(), cfg.vocab_size, cfg.ignore_index)
-        loss_k = loss_sum / valid.clamp(min=1)
-        head_losses.append(loss_k.detach())
-        total = total + cfg.loss_weights[k] * loss_k
-    return total, torch.stack(head_losses)
+class LossHeads(Protocol):
+    """What MTPLoss needs of the module holding the heads: the model, or the pipeline's last stage."""
+
+    cfg: ModelConfig
+    norm: nn.Module  # the shared final norm (has .weight)
+    output: nn.Module  # the shared unembedding (has .weight), padded vocabulary rows included
+    training: bool
+
+    def head_forward(self, k: int, h: torch.Tensor, rope) -> torch.Tensor:
+        """Head k's block (0-based: 0 predicts the next token) on the trunk output h, before the norm."""
+
+
+class MTPLoss:
+    """The MTP loss of a model: which implementation, its chunk size, the cross-entropy, the grad-ready hook.
+
+    impl: "sequential" (memory-flat in n, the default) or "naive" (all logits at once, the reference).
+    chunk_tokens: tokens per cross-entropy chunk of the sequential path; None picks default_chunk_tokens.
+    cross_entropy: (padded logits, targets, vocab_size, ignore_index) -> summed loss; tensor parallelism swaps in
+        the vocabulary-parallel one.
+    grad_ready_hook: called as hook(params, ready) around the sequential heads' inner backward passes, so a
+        data-parallel engine reduces the shared norm's and unembedding's gradients only after their last
+        contribution; set by the DeepSpeed engine seam.
+    engine_owns_grads: set by the engine seam; turns off the check for gradients cleared between the forward
+        and its backward (see the module's docstring).
+    """
+
+    def __init__(self, impl: str = "sequential", chunk_tokens: int | None = None):
+        self.impl, self.chunk_tokens = impl, chunk_tokens
+        self.cross_entropy = cross_entropy_sum
+        self.grad_ready_hook = None
+        self.engine_owns_grads = False
+        self._written = None  # (norm weight's .grad, its version) after the last forward that wrote head gradients
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, impl: str) -> None:
+        if impl not in ("sequential", "naive"):
+            raise ValueError(f"loss_impl must be 'sequential' or 'naive', got {impl!r}")
+        self._impl = impl
+
+    def __call__(self, heads: LossHeads, h, rope, labels, grad_scale: float = 1.0):
+        """(weighted total, per-head mean losses) of every head on the trunk output h (B, T, dim)."""
+        cfg = heads.cfg
+        targets = head_targets(labels, h.shape[1], cfg.n_future_tokens, cfg.ignore_index)
+        if self.impl == "sequential":
+            return _SequentialHeads.apply(h, heads, self, rope, targets, float(grad_scale), torch.is_grad_enabled())
+        return self.naive(heads, self.logits(heads, h, rope, cfg.n_future_tokens), targets)
+
+    @staticmethod
+    def logits(heads: LossHeads, h, rope, n: int) -> torch.Tensor:
+        """(n, B, T, padded V) logits of heads 1..n on the trunk output h, all at once (the naive path)."""
+        return torch.stack([heads.output(heads.norm(heads.head_forward(k, h, rope))) for k in range(n)])
+
+    def naive(self, heads: LossHeads, padded_logits: torch.Tensor, targets: torch.Tensor):
+        """padded_logits (n, B, T, padded V), targets (n, B, T) -> (weighted total, per-head mean losses)."""
+        cfg = heads.cfg
+        head_losses = []
+        total = padded_logits.new_zeros((), dtype=torch.float32)
+        for k in range(padded_logits.shape[0]):
+            valid = (targets[k] != cfg.ignore_index).sum()
+            loss_sum = self.cross_entropy(padded_logits[k].flatten(0, 1), targets[k].flatten(), cfg.vocab_size,
+                                          cfg.ignore_index)
+            loss_k = loss_sum / valid.clamp(min=1)
+            head_losses.append(loss_k.detach())
+            total = total + cfg.loss_weights[k] * loss_k
+        return total, torch.stack(head_losses)
+
+    def _set_ready(self, params, ready: bool) -> None:
+        if self.grad_ready_hook is not None:
+            self.grad_ready_hook(params, ready)
+
+    def _record_written(self, norm_w) -> None:
+        self._written = (norm_w.grad, norm_w.grad._version) if norm_w.grad is not None else None
+
+    def _check_written(self, norm_w, written) -> None:
+        # The norm weight stands for every head parameter: only the heads write its gradient, every head does,
+        # and whatever clears gradients clears it with the rest.
+        if self.engine_owns_grads or written is None:
+            return
+        grad, latest = norm_w.grad, self._written  # latest: after any later forward that accumulated into them
+        if grad is None or grad is not written[0] or latest[0] is not grad or grad._version != latest[1]:
+            raise RuntimeError(
+                "sequential MTP loss: the head, norm and unembedding gradients this forward computed were "
+                "cleared before its backward (zero_grad() between the forward and backward()?); the backward "
+                "would train the trunk alone. Call zero_grad() before the forward (or after the optimizer "
+                "step), or use loss_impl='naive'.")
 
 
 def default_chunk_tokens(n_tokens: int, dim: int, vocab: int, min_chunk: int = 1024) -> int:
@@ -68,15 +159,20 @@ def default_chunk_tokens(n_tokens: int, dim: int, vocab: int, min_chunk: int = 1
 
 class _SequentialHeads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, model, rope, targets, grad_scale, grad_enabled):
+    def forward(ctx, h, heads, loss, rope, targets, grad_scale, grad_enabled):
         # Function.forward always runs under no_grad; grad_enabled is the caller's mode.
-        needs_grad = h.requires_grad and grad_enabled
+        wants_grad = h.requires_grad and grad_enabled
+        needs_grad = wants_grad and heads.training
         h_leaf = h.detach().requires_grad_(needs_grad)
         with torch.set_grad_enabled(needs_grad):
-            head_losses = _run_heads(model, h_leaf, rope, targets, grad_scale, needs_grad)
-        weights = torch.tensor(model.cfg.loss_weights, dtype=torch.float32, device=h.device)
+            head_losses, wrote = _run_heads(heads, loss, h_leaf, rope, targets, grad_scale, needs_grad)
+        if wrote:
+            loss._record_written(heads.norm.weight)
+        weights = torch.tensor(heads.cfg.loss_weights, dtype=torch.float32, device=h.device)
         total = (weights * head_losses).sum()
-        ctx.grad_scale = grad_scale
+        ctx.grad_scale, ctx.heads, ctx.loss = grad_scale, heads, loss
+        ctx.eval_mode = wants_grad and not heads.training
+        ctx.written = loss._written if wrote else None
         grad_h = h_leaf.grad if h_leaf.grad is not None else torch.zeros_like(h_leaf)
         ctx.save_for_backward(grad_h if needs_grad else None)
         ctx.mark_non_differentiable(head_losses)
@@ -85,6 +181,11 @@ class _SequentialHeads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_heads):
         (grad_h,) = ctx.saved_tensors
+        if ctx.eval_mode:
+            raise RuntimeError(
+                "sequential MTP loss: this loss was computed in eval() mode, which computes losses only (no head "
+                "gradients); call model.train() before a forward whose loss is back-propagated, or run "
+                "evaluation under torch.no_grad().")
         received = float(grad_total)
         if not math.isclose(received, ctx.grad_scale, rel_tol=1e-5):
             raise RuntimeError(
@@ -93,45 +194,20 @@ class _SequentialHeads(torch.autograd.Function):
                 f"grad_scale = (loss scale) / (gradient accumulation steps) to the model's forward, or use "
                 f"loss_impl='naive'."
             )
-        return grad_h, None, None, None, None, None
+        ctx.loss._check_written(ctx.heads.norm.weight, ctx.written)
+        return grad_h, None, None, None, None, None, None
 
 
-def padded_head_logits(heads, h, rope, n: int) -> torch.Tensor:
-    """(n, B, T, padded V) logits of heads 1..n on the trunk output h, all at once (the naive path)."""
-    return torch.stack([heads.output(heads.norm(heads.head_forward(k, h, rope))) for k in range(n)])
-
-
-def mtp_loss(heads, h, rope, labels, loss_impl: str = "sequential", grad_scale: float = 1.0):
-    """(weighted total, per-head mean losses) of every head on the trunk output h (B, T, dim).
-
-    heads: the model, or anything with its head interface (cfg, head_forward, norm, output, loss_fn,
-    ce_chunk_tokens, grad_ready_hook), such as the last stage of a pipeline."""
+def _run_heads(heads, loss, h_leaf, rope, targets, grad_scale, needs_grad):
+    """Per-head mean losses, and whether any head gradient was written."""
     cfg = heads.cfg
-    targets = head_targets(labels, h.shape[1], cfg.n_future_tokens, cfg.ignore_index)
-    if loss_impl == "sequential":
-        return sequential_mtp_loss(heads, h, rope, targets, grad_scale)
-    return naive_mtp_loss(heads, padded_head_logits(heads, h, rope, cfg.n_future_tokens), targets)
-
-
-def sequential_mtp_loss(model, h, rope, targets, grad_scale: float = 1.0):
-    """Loss of all heads, computed and back-propagated one head at a time. Returns (total, head_losses)."""
-    return _SequentialHeads.apply(h, model, rope, targets, float(grad_scale), torch.is_grad_enabled())
-
-
-def _set_ready(model, params, ready: bool) -> None:
-    if model.grad_ready_hook is not None:
-        model.grad_ready_hook(params, ready)
-
-
-def _run_heads(model, h_leaf, rope, targets, grad_scale, needs_grad):
-    cfg = model.cfg
     n = targets.shape[0]
     weights = cfg.loss_weights
-    norm_w, out_w = model.norm.weight, model.output.weight
+    norm_w, out_w = heads.norm.weight, heads.output.weight
     # A tied unembedding gets its last gradient from the embedding, in the trunk's backward.
     out_last_use_here = not cfg.tie_embeddings
     n_tokens = targets[0].numel()
-    chunk = model.ce_chunk_tokens or default_chunk_tokens(n_tokens, cfg.dim, cfg.padded_vocab_size)
+    chunk = loss.chunk_tokens or default_chunk_tokens(n_tokens, cfg.dim, cfg.padded_vocab_size)
     valid = [int((targets[k] != cfg.ignore_index).sum()) for k in range(n)]
     coefs = [weights[k] / max(valid[k], 1) if valid[k] else 0.0 for k in range(n)]
     # Shared parameters may be reduced only after their last gradient: in the last head that has one.
@@ -140,7 +216,7 @@ def _run_heads(model, h_leaf, rope, targets, grad_scale, needs_grad):
     for k in range(n):
         last_head, coef = k == last_active, coefs[k]
         tgt = targets[k].reshape(-1)
-        z = model.norm(model.head_forward(k, h_leaf, rope)).reshape(n_tokens, -1)
+        z = heads.norm(heads.head_forward(k, h_leaf, rope)).reshape(n_tokens, -1)
         z_detached = z.detach()
         grad_z = torch.zeros_like(z) if needs_grad else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_leaf.device)
@@ -148,19 +224,19 @@ def _run_heads(model, h_leaf, rope, targets, grad_scale, needs_grad):
         for i, s in enumerate(starts):
             e = min(s + chunk, n_tokens)
             z_chunk = z_detached[s:e].requires_grad_(needs_grad)
-            logits = model.output(z_chunk)
-            chunk_loss = model.loss_fn(logits, tgt[s:e], cfg.vocab_size, cfg.ignore_index)
+            logits = heads.output(z_chunk)
+            chunk_loss = loss.cross_entropy(logits, tgt[s:e], cfg.vocab_size, cfg.ignore_index)
             loss_sum += chunk_loss.detach()
             if needs_grad and coef > 0:
-                _set_ready(model, [out_w], out_last_use_here and last_head and i == len(starts) - 1)
+                loss._set_ready([out_w], out_last_use_here and last_head and i == len(starts) - 1)
                 torch.autograd.backward(chunk_loss * (coef * grad_scale))
                 grad_z[s:e] = z_chunk.grad
             del logits, chunk_loss
         if needs_grad and coef > 0:
-            _set_ready(model, [norm_w], last_head)
+            loss._set_ready([norm_w], last_head)
             torch.autograd.backward(z, grad_z)
         head_losses.append(loss_sum / max(valid[k], 1))
         del z, z_detached, grad_z
     if needs_grad:
-        _set_ready(model, [norm_w, out_w], True)
-    return torch.stack(head_losses)
+        loss._set_ready([norm_w, out_w], True)
+    return torch.stack(head_losses), needs_grad and last_active >= 0

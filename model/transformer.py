@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .mtp_loss import cross_entropy_sum, head_targets, mtp_loss, naive_mtp_loss, padded_head_logits
+from torch.utils.checkpoint import checkpoint
+
+from .mtp_loss import MTPLoss, head_targets
 
 
 class RMSNorm(nn.Module):
@@ -188,6 +190,18 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def _run_blocks(blocks, h, cos, sin):
+    for block in blocks:
+        h = block(h, (cos, sin))
+    return h
+
+
+def apply_activation_checkpointing(model: "MTPTransformer", interval: int = 1) -> int:
+    """Turn on a built model's activation_checkpoint_interval option; returns the number of recomputed units."""
+    model.activation_checkpoint_interval = interval
+    return -(-model.cfg.n_trunk_layers // interval)
+
+
 @dataclass
 class MTPOutput:
     loss: torch.Tensor | None = None  # weighted sum of the head losses (what is back-propagated)
@@ -196,18 +210,24 @@ class MTPOutput:
 
 
 class MTPTransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, loss_impl: str = "sequential", ce_chunk_tokens: int | None = None):
+    """The model. Options besides the shape:
+
+    loss_impl, ce_chunk_tokens: the MTP loss (`self.loss`, an MTPLoss: sequential or naive, chunk size); tensor
+        parallelism swaps its cross-entropy and a data-parallel engine sets its grad-ready hook.
+    activation_checkpoint_interval: 0 keeps every activation; k > 0 recomputes the trunk in backward in units of
+        k consecutive blocks (only each unit's input is kept; one unit's activations are alive at a time in the
+        backward; about sqrt(blocks) minimises memory). Training forwards only (grad enabled, no KV cache);
+        non-reentrant torch.utils.checkpoint, so it composes with ZeRO-3's parameter hooks, and parameter names
+        are unchanged. The heads are never recomputed: the sequential loss keeps one head's activations alive
+        at a time anyway.
+    """
+
+    def __init__(self, cfg: ModelConfig, loss_impl: str = "sequential", ce_chunk_tokens: int | None = None,
+                 activation_checkpoint_interval: int = 0):
         super().__init__()
-        if loss_impl not in ("sequential", "naive"):
-            raise ValueError(f"loss_impl must be 'sequential' or 'naive', got {loss_impl!r}")
         self.cfg = cfg
-        self.loss_impl = loss_impl
-        self.ce_chunk_tokens = ce_chunk_tokens
-        # Set by the trainer: called as hook(params, ready) around the sequential heads' inner
-        # backward passes, so a data-parallel engine reduces shared gradients only once.
-        self.grad_ready_hook = None
-        # (padded logits, targets, vocab_size, ignore_index) -> summed loss; tensor parallelism replaces it.
-        self.loss_fn = cross_entropy_sum
+        self.loss = MTPLoss(loss_impl, ce_chunk_tokens)
+        self.activation_checkpoint_interval = activation_checkpoint_interval
         vocab = cfg.padded_vocab_size
         self.tok_embeddings = Embedding(vocab, cfg.dim, cfg.init_std, zero_rows_from=cfg.vocab_size)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_main_layers))
@@ -221,6 +241,22 @@ class MTPTransformer(nn.Module):
     def n_future_tokens(self) -> int:
         return self.cfg.n_future_tokens
 
+    @property
+    def loss_impl(self) -> str:
+        return self.loss.impl
+
+    @loss_impl.setter
+    def loss_impl(self, impl: str) -> None:
+        self.loss.impl = impl
+
+    @property
+    def ce_chunk_tokens(self) -> int | None:
+        return self.loss.chunk_tokens
+
+    @ce_chunk_tokens.setter
+    def ce_chunk_tokens(self, tokens: int | None) -> None:
+        self.loss.chunk_tokens = tokens
+
     def head_block(self, k: int) -> TransformerBlock:
         """The transformer block of head k (0-based: 0 predicts the next token)."""
         return self.layers[-1] if k == 0 else self.extra_heads[k - 1]
@@ -231,7 +267,13 @@ class MTPTransformer(nn.Module):
     def trunk(self, tokens, rope, caches=None, attn_mask=None):
         """Embedding and the shared blocks; returns the input of every head's block."""
         h = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers[:-1]):
+        blocks = self.layers[:-1]
+        interval = self.activation_checkpoint_interval
+        if interval and caches is None and attn_mask is None and torch.is_grad_enabled():
+            for start in range(0, len(blocks), interval):
+                h = checkpoint(_run_blocks, blocks[start:start + interval], h, *rope, use_reentrant=False)
+            return h
+        for i, layer in enumerate(blocks):
             h = layer(h, rope, None if caches is None else caches[i], attn_mask)
         return h
 
@@ -261,13 +303,13 @@ class MTPTransformer(nn.Module):
         n_heads = self.n_future_tokens if (all_heads or labels is not None) else 1
 
         if labels is not None and not return_logits:
-            out.loss, out.head_losses = mtp_loss(self, h, rope, labels, self.loss_impl, grad_scale)
+            out.loss, out.head_losses = self.loss(self, h, rope, labels, grad_scale)
             return out
 
-        padded_logits = padded_head_logits(self, h, rope, n_heads)
+        padded_logits = self.loss.logits(self, h, rope, n_heads)
         if labels is not None:
             targets = head_targets(labels, T, self.n_future_tokens, self.cfg.ignore_index)
-            out.loss, out.head_losses = naive_mtp_loss(self, padded_logits, targets)
+            out.loss, out.head_losses = self.loss.naive(self, padded_logits, targets)
         if return_logits:
             logits = padded_logits[..., : self.cfg.vocab_size]
             out.logits = logits if all_heads else logits[0]

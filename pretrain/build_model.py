@@ -1,4 +1,5 @@
-"""Build the model a rank trains: construction, initial weights, tensor parallelism, activation checkpointing.
+"""Build the model a rank trains: construction (activation checkpointing is a model option), initial weights,
+tensor parallelism.
 
 Under ZeRO-3 the model is constructed inside DeepSpeed's `zero.Init`, as Megatron-DeepSpeed and Hugging Face do:
 every module's parameters are broadcast from data-parallel rank 0 and cut into per-rank partitions as soon as
@@ -22,7 +23,6 @@ import deepspeed
 
 from mtplm.model.transformer import MTPTransformer
 
-from .activation_checkpointing import apply_activation_checkpointing
 from .config import TrainConfig
 from .ds_config import zero_stage
 from .init_from import load_initial_weights
@@ -42,11 +42,12 @@ def build_model(cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout) -> tuple
     returns it and notes on how init_from's weights were adapted. Collective under ZeRO-3."""
     t = cfg.train
     with construction_context(ds_cfg, layout):
-        model = MTPTransformer(cfg.model, loss_impl=t.loss_impl, ce_chunk_tokens=t.ce_chunk_tokens or None)
+        # The pipeline layout recomputes with DeepSpeed's own interval instead (same meaning; see pipeline.py).
+        interval = t.activation_checkpoint_interval if t.activation_checkpointing and not layout.pipeline else 0
+        model = MTPTransformer(cfg.model, loss_impl=t.loss_impl, ce_chunk_tokens=t.ce_chunk_tokens or None,
+                               activation_checkpoint_interval=interval)
     notes = load_initial_weights(model, t.init_from) if t.init_from else []
     apply_tensor_parallel(model, layout.tensor)
-    if t.activation_checkpointing and not layout.pipeline:
-        apply_activation_checkpointing(model, t.activation_checkpoint_interval)
     return model, notes
 
 

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mtplm.model.mtp_loss import mtp_loss
 from mtplm.model.transformer import MTPTransformer, rope_for
 
 
@@ -42,15 +41,15 @@ class TrunkBlockStage(nn.Module):
 
 
 class HeadsStage(nn.Module):
-    """The heads, shared norm and unembedding, with the model's head interface (see model.mtp_loss.mtp_loss)."""
+    """The heads, shared norm and unembedding (model.mtp_loss.LossHeads), and the model's own MTPLoss object, so
+    whatever configures the model's loss (tensor parallelism's cross-entropy, the engine's hook) holds here too."""
 
     def __init__(self, model: MTPTransformer):
         super().__init__()
         self.cfg = model.cfg
         self.head_blocks = nn.ModuleList([model.layers[-1], *model.extra_heads])
         self.norm, self.output = model.norm, model.output
-        self.loss_fn, self.ce_chunk_tokens = model.loss_fn, model.ce_chunk_tokens
-        self.grad_ready_hook = model.grad_ready_hook
+        self.loss = model.loss
 
     def head_forward(self, k, h, rope, cache=None, attn_mask=None):
         return self.head_blocks[k](h, rope, cache, attn_mask)
@@ -63,8 +62,8 @@ class PipelineLoss:
     """The pipeline's loss_fn: the MTP loss of one micro-batch on the last stage. Per-head losses are summed
     over the micro-batches of a train_batch/eval_batch for the trainer to report (see head_losses)."""
 
-    def __init__(self, heads: HeadsStage, loss_impl: str):
-        self.heads, self.loss_impl = heads, loss_impl
+    def __init__(self, heads: HeadsStage):
+        self.heads = heads
         self.grad_scale = 1.0  # set by the trainer before each train_batch (see model.mtp_loss)
         self.reset()
 
@@ -72,8 +71,8 @@ class PipelineLoss:
         self.head_sum, self.count = None, 0
 
     def __call__(self, h, labels):
-        total, head_losses = mtp_loss(self.heads, h, rope_for(h, self.heads.cfg), labels, self.loss_impl,
-                                      self.grad_scale if torch.is_grad_enabled() else 1.0)
+        total, head_losses = self.heads.loss(self.heads, h, rope_for(h, self.heads.cfg), labels,
+                                             self.grad_scale if torch.is_grad_enabled() else 1.0)
         head_losses = head_losses.detach().float()
         self.head_sum = head_losses if self.head_sum is None else self.head_sum + head_losses
         self.count += 1
@@ -98,8 +97,7 @@ def layer_costs(layers: list[nn.Module], method: str) -> list[int]:
     return [0] + [round(1000 * s / block) for s in sizes[1:]]
 
 
-def build_pipeline_module(model: MTPTransformer, topology, partition_method: str, loss_impl: str,
-                          checkpoint_interval: int = 0):
+def build_pipeline_module(model: MTPTransformer, topology, partition_method: str, checkpoint_interval: int = 0):
     """Collective: a PipelineModule over `model`'s modules, partitioned on `topology`; non-local layers are
     dropped. checkpoint_interval > 0 recomputes each stage's trunk blocks in units of that many consecutive
     layers (DeepSpeed's interval; a unit that holds the embedding or the heads is not recomputed).
@@ -118,7 +116,7 @@ def build_pipeline_module(model: MTPTransformer, topology, partition_method: str
             stage = self._topo.get_coord(self.global_rank).pipe
             self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
-    loss = PipelineLoss(layers[-1], loss_impl)
+    loss = PipelineLoss(layers[-1])
     module = MTPPipelineModule(layers=layers, topology=topology, loss_fn=loss, partition_method=partition_method,
                                activation_checkpoint_interval=checkpoint_interval,
                                checkpointable_layers=[TrunkBlockStage.__name__])

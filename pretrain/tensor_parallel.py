@@ -171,7 +171,7 @@ def parallelize_block(block, tp: TensorParallel) -> None:
 def parallelize_unembedding(model, tp: TensorParallel, tied_weight: nn.Parameter | None = None) -> None:
     """The shared unembedding as vocabulary shards, and the model's loss as the vocabulary-parallel one."""
     model.output = ColumnParallelLinear(model.output, tp, weight=tied_weight)
-    model.loss_fn = functools.partial(vocab_parallel_cross_entropy_sum, tp=tp)
+    model.loss.cross_entropy = functools.partial(vocab_parallel_cross_entropy_sum, tp=tp)
 
 
 def apply_tensor_parallel(model, tp: TensorParallel):

@@ -117,13 +117,14 @@ class Trainer:
         self.zero_stage, self.precision = zero_stage(ds_cfg), precision(ds_cfg)
         # DeepSpeed clips but keeps no gradient norm on this path, so the trainer takes it itself.
         self.own_grad_norm = self.zero_stage == 0 and self.precision == "fp32"
+        model.loss.engine_owns_grads = True
         if self.zero_stage > 0:
-            model.grad_ready_hook = ds_grad_ready_hook
+            model.loss.grad_ready_hook = ds_grad_ready_hook
         self.pipe_loss = None
         if self.layout.pipeline:
             # The pipeline module takes model's modules; the engine gets its grid from the module.
             model, self.pipe_loss = build_pipeline_module(
-                model, self.layout.grid.topology(), cfg.parallel.pipeline_partition, t.loss_impl,
+                model, self.layout.grid.topology(), cfg.parallel.pipeline_partition,
                 checkpoint_interval=t.activation_checkpoint_interval if t.activation_checkpointing else 0)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg,

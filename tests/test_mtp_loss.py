@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model_config
 from mtplm.model.mtp_loss import default_chunk_tokens, head_targets
 from mtplm.model.transformer import MTPTransformer
-from mtplm.pretrain.activation_checkpointing import apply_activation_checkpointing
+from mtplm.model.transformer import apply_activation_checkpointing
 
 
 def grads_after(model, x, labels, scale=1.0, **kw):
@@ -129,3 +129,42 @@ def test_default_chunk_keeps_chunk_logits_near_hidden_size():
     assert chunk * vocab <= 4 * n_tokens * dim  # a chunk's logits stay a few times the hidden states
     assert chunk * 8 <= n_tokens  # and far below one head's logits
     assert default_chunk_tokens(100, dim, vocab) == 100
+
+
+def test_zero_grad_between_forward_and_backward_raises():
+    """The common order forward; zero_grad(); backward() would drop every head, norm and unembedding gradient
+    that the sequential forward wrote: the backward refuses, whichever way the gradients were cleared."""
+    m = MTPTransformer(tiny_model_config())
+    x, labels = torch.randint(0, 200, (2, 9)), torch.randint(0, 200, (2, 12))
+    for set_to_none in (True, False):
+        m.zero_grad()
+        out = m(x, labels)
+        m.zero_grad(set_to_none=set_to_none)
+        with pytest.raises(RuntimeError, match="cleared before its backward"):
+            out.loss.backward()
+    # The right order, and two forwards back-propagated together, are untouched by the check.
+    m.zero_grad()
+    m(x, labels).loss.backward()
+    m.zero_grad()
+    (m(x, labels).loss + m(x, labels).loss).backward()
+
+
+def test_eval_mode_forward_leaves_gradients_alone_and_refuses_backward():
+    """A forward with labels in eval() mode outside no_grad computes losses only: no gradient leaks into the next
+    training step, and back-propagating it raises instead of training the trunk alone."""
+    cfg = tiny_model_config()
+    m = MTPTransformer(cfg)
+    x, labels = torch.randint(0, 200, (2, 9)), torch.randint(0, 200, (2, 12))
+    m.eval()
+    out = m(x, labels)
+    assert all(p.grad is None for p in m.parameters())
+    with pytest.raises(RuntimeError, match="eval\\(\\) mode"):
+        out.loss.backward()
+    naive = copy.deepcopy(m)
+    naive.loss_impl = "naive"
+    assert torch.allclose(out.head_losses, naive(x, labels).head_losses, atol=1e-6)
+    # the step after it trains exactly like one without it
+    m.train()
+    _, got = grads_after(m, x, labels)
+    _, ref = grads_after(naive.train(), x, labels)
+    assert_same_grads(ref, got)
