@@ -47,7 +47,7 @@ def rank_main(args) -> dict:
     from mtplm.pretrain.config import TrainConfig, load_config
     from mtplm.pretrain.ds_config import build_ds_config
     from mtplm.pretrain.parallel_layout import build_layout
-    from mtplm.pretrain.trainer import param_groups
+    from mtplm.pretrain.engine import param_groups
 
     # Data parallelism only: the "whole" arm is plain construction, with nothing cut for tensor parallelism.
     cfg = load_config(TrainConfig, args.config, ["--train.micro_batch_size", "1", "--train.grad_accum_steps", "1",

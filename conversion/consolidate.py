@@ -5,7 +5,8 @@ one step_* folder. ZeRO-1/2/3 shards are merged by DeepSpeed's own zero_to_fp32;
 the whole module in mp_rank_00_model_states.pt. With tensor parallelism each tensor rank's files (mp_rank_XX)
 are consolidated on their own and the shards then joined along the dimension each weight was split.
 Pipeline checkpoints keep each layer's module weights in layer_LL-model_TT-model_states.pt (zero_to_fp32 cannot
-read them); those are the fp32 weights in fp32 training and the bf16 working copy in bf16 training.
+read them); those are the fp32 weights in fp32 training and the bf16 working copy in bf16 training. Imports
+DeepSpeed's zero_to_fp32 for the ZeRO shards.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ than a ZeRO-0/1/2 run with the same seed (fp32 on a CPU gives the same values, w
 Everything done to the weights afterwards (loading `train.init_from`, cutting tensor-parallel shards, which are
 partitioned as soon as they are cut) works one module or one parameter at a time inside
 `zero.GatheredParameters`, which is a no-op on plain parameters, so the same code serves every ZeRO stage.
+
+Imports deepspeed for zero.Init, the ZeRO-3 construction; deepspeed.initialize is engine.py's.
 """
 
 from __future__ import annotations

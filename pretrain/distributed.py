@@ -1,6 +1,7 @@
 """Process setup: pick DeepSpeed's accelerator and backend, and make a plain `python` run a world of one.
 
-Must run before deepspeed is imported anywhere: DeepSpeed picks its accelerator on first use.
+Must run before deepspeed is imported anywhere: DeepSpeed picks its accelerator on first use. Imports deepspeed
+for deepspeed.init_distributed, which starts the process group DeepSpeed's own communication layer then uses.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 The trunk must match exactly. Head k of the new model takes the saved head k when there is one, else a copy
 of the saved head 1's block (a new head starts as the block it branches beside). Heads the new model lacks
 are dropped: continuing a 4-token model with n'=1 is the paper's best CodeContests fine-tuning recipe.
+
+Imports deepspeed for zero.GatheredParameters: under ZeRO-3 the weights are read into a model already
+partitioned by zero.Init (see build_model.py), one parameter at a time.
 """
 
 from __future__ import annotations

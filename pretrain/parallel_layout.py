@@ -4,7 +4,7 @@ DeepSpeed's PipelineParallelGrid is the `mpu` handed to deepspeed.initialize: Ze
 data-parallel group and counts replicated parameters once (on tensor rank 0) in the gradient norm; the pipeline
 engine sends activations along its pipe groups. Tensor-parallel layers use its model ("slice") groups. One grid
 serves both layouts, which is why tensor parallelism is ours rather than DeepSpeed's AutoTP: AutoTP builds its
-own groups, which know nothing of pipeline stages.
+own groups, which know nothing of pipeline stages. Imports DeepSpeed's topology and grid classes for that.
 """
 
 from __future__ import annotations

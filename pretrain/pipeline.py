@@ -8,7 +8,8 @@ The layers hold the modules of an MTPTransformer built (and, with tensor paralle
 there is one model implementation and a pipeline run starts from the same weights as any other. The heads
 need the labels, so the last layer passes the trunk output through and the pipeline's loss function runs the
 MTP loss (sequential heads by default) on it: the heads' work stays one autograd node on the last stage, and
-the gradient of the trunk output flows back through the pipeline like any activation gradient.
+the gradient of the trunk output flows back through the pipeline like any activation gradient. Imports
+DeepSpeed's PipelineModule (the layout is one) and its balanced partitioner.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The training loop on a DeepSpeed engine: build, (resume,) train, validate, log, checkpoint."""
+"""The training loop: build, (resume,) train, validate, log, checkpoint. How a step runs on DeepSpeed, for each
+layout, is engine.py's."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mtplm.data.fingerprint import describe, digest
-from mtplm.model.flops import count_params, flops_per_token
+from mtplm.model.flops import flops_per_token
 
 from .build_model import build_model, local_parameter_count
 from .checkpoint import (DATA_KEY, CheckpointSaveError, checkpoint_dir, decide_resume, load_checkpoint,
@@ -21,16 +21,11 @@ from .config import TrainConfig
 from .consistency import agree_on_data, check_shared_folder
 from .distributed import DistInfo, init_distributed
 from .ds_config import build_ds_config, precision, zero_stage
-from .lr_schedule import scheduler_factory
+from .engine import build_engine
 from .metrics_log import MetricsLogger
 from .parallel_layout import build_layout, check_world_size
-from .pipeline import build_pipeline_module, gather_pipeline_state_dict
 from .preemption import StopSignal
-from .tensor_parallel import gather_full_state_dict
-
-# Dense bf16 peak of common accelerators, for MFU; override with train.peak_tflops.
-_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
-
+from .run_info import peak_flops, startup_lines
 
 @dataclass
 class TrainResult:
@@ -38,46 +33,6 @@ class TrainResult:
     train_log: list[dict] = field(default_factory=list)  # one record per optimizer step (rank 0's view)
     eval_log: list[dict] = field(default_factory=list)
     stopped_by_signal: bool = False
-
-
-def ds_grad_ready_hook(params, ready: bool) -> None:
-    """ZeRO reduces a gradient as soon as its hook fires; the sequential heads produce the shared norm's and
-    unembedding's gradient once per head, so they are held back until the last head (DeepSpeed's own
-    TiledFusedLogitsLoss uses the same flag)."""
-    for p in params:
-        p.ds_grad_is_ready = ready
-
-
-def loss_grad_scale(engine) -> float:
-    """The factor engine.backward() applies to the loss: 1/GAS, times the fp16 loss scale if any."""
-    scale = 1.0
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
-    if scaler is not None and hasattr(scaler, "cur_scale"):
-        scale = float(scaler.cur_scale)
-    return scale / engine.gradient_accumulation_steps()
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: norms (1-D) are not decayed, as in Megatron and nanoGPT."""
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if id(p) in seen or not p.requires_grad:
-            continue
-        seen.add(id(p))
-        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 partitioned parameter's own tensor is empty
-        (decay if len(shape) >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def peak_flops(cfg: TrainConfig) -> float | None:
-    if cfg.train.peak_tflops > 0:
-        return cfg.train.peak_tflops * 1e12
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, tflops in _PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-    return None
 
 
 class Trainer:
@@ -102,8 +57,6 @@ class Trainer:
         ds_cfg = build_ds_config(cfg, t.deepspeed_config, self.dp_world, on_cpu)
         self.dist = dist_info or init_distributed()
         self.layout = build_layout(cfg, self.dist.rank, self.dist.world_size)
-        import deepspeed
-
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.out_dir = Path(cfg.train.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,25 +68,8 @@ class Trainer:
         model, init_notes = build_model(cfg, ds_cfg, self.layout)
         self.local_params, self.total_params = local_parameter_count(model)
         self.zero_stage, self.precision = zero_stage(ds_cfg), precision(ds_cfg)
-        # DeepSpeed clips but keeps no gradient norm on this path, so the trainer takes it itself.
-        self.own_grad_norm = self.zero_stage == 0 and self.precision == "fp32"
-        model.loss.engine_owns_grads = True
-        if self.zero_stage > 0:
-            model.loss.grad_ready_hook = ds_grad_ready_hook
-        self.pipe_loss = None
-        if self.layout.pipeline:
-            # The pipeline module takes model's modules; the engine gets its grid from the module.
-            model, self.pipe_loss = build_pipeline_module(
-                model, self.layout.grid.topology(), cfg.parallel.pipeline_partition,
-                checkpoint_interval=t.activation_checkpoint_interval if t.activation_checkpointing else 0)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg,
-            lr_scheduler=scheduler_factory(cfg.optim, t.steps),
-            mpu=None if self.layout.pipeline else self.layout.grid, dist_init_required=False)
-        self.model = model
-        self._pipeline_grad_norm = None
-        if self.layout.pipeline and self.own_grad_norm:
-            self._record_pipeline_grad_norm()
+        self.steps = build_engine(cfg, ds_cfg, self.layout, model, self.dp_world)
+        self.engine = self.steps.engine
         self.logger = MetricsLogger(self.out_dir, self.dist.rank, t.steps, 0, t.metrics_file,
                                     getattr(self.engine, "monitor", None))
         for note in init_notes:
@@ -163,123 +99,17 @@ class Trainer:
             pin_memory=not self.dist.on_cpu, tokenizer_sha256=tok_sha)
 
     def _describe(self) -> None:
-        if self.data_fingerprint is not None:
-            fp = self.data_fingerprint
-            self.logger.info(f"data fingerprint {digest(fp)}, the same on all {self.dist.world_size} ranks: "
-                             + "; ".join(f"{d['path']} ({describe(d)})" for d in fp["datasets"]))
-        c = count_params(self.cfg.model)
-        f = flops_per_token(self.cfg.model, self.cfg.data.seq_len)
-        self.logger.info(
-            f"model: {c.total / 1e6:.2f}M parameters (embedding {c.embedding / 1e6:.2f}M, trunk blocks "
-            f"{c.trunk_blocks / 1e6:.2f}M, {self.cfg.model.n_future_tokens} heads {c.heads / 1e6:.2f}M, norm+unembedding "
-            f"{c.shared_head / 1e6:.2f}M); {f.training / 1e6:.1f} MFLOP/token per training step "
-            f"(trunk fwd {f.trunk_forward / 1e6:.1f}, heads fwd {f.heads_forward / 1e6:.1f})")
-        self.logger.info(
-            f"world {self.dist.world_size} on {'CPU' if self.dist.on_cpu else 'GPU'}, ZeRO-{self.zero_stage}, "
-            f"{self.precision}, micro-batch {self.cfg.train.micro_batch_size} x accumulation "
-            f"{self.cfg.train.grad_accum_steps} x data-parallel {self.dp_world}, tensor-parallel "
-            f"{self.layout.tensor.world}, pipeline {self.cfg.parallel.pipeline}, loss path {self.cfg.train.loss_impl}")
-        if self.zero_stage == 3:
-            tp = self.layout.tensor.world
-            shard = "the model" if tp == 1 else f"its 1/{tp} tensor-parallel shard of the model"
-            self.logger.info(f"built under zero.Init: this rank keeps {self.local_params / 1e6:.2f}M of the "
-                             f"{self.total_params / 1e6:.2f}M parameters of {shard}")
-        if self.layout.pipeline:
-            parts = self.engine.module.parts
-            self.logger.info("pipeline stages (layer 0 embedding, last the heads): " + ", ".join(
-                f"stage {s} layers {parts[s]}-{parts[s + 1] - 1}" for s in range(len(parts) - 1)))
-
-    def _split(self, batch: torch.Tensor):
-        batch = batch.to(self.engine.device, non_blocking=True)
-        seq_len = self.cfg.data.seq_len
-        return batch[:, :seq_len], batch[:, 1:]
-
-    def _grad_norm(self) -> float:
-        """Global L2 norm of the (averaged) gradients: tensor-parallel shards summed over their group,
-        replicated parameters counted once."""
-        tp = self.layout.tensor
-        total = torch.zeros((), dtype=torch.float64)
-        for p in {id(p): p for p in self.model.parameters()}.values():
-            if p.grad is not None and (tp.rank == 0 or getattr(p, "tensor_model_parallel", False)):
-                total += p.grad.detach().double().pow(2).sum().cpu()
-        if self.layout.model_parallel_group is not None:  # every stage and tensor shard of this replica
-            dist.all_reduce(total, group=self.layout.model_parallel_group)
-        return float(total.sqrt())
-
-    def _reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().float().to(self.engine.device)
-        if self.dp_world > 1:
-            dist.all_reduce(t, group=self.layout.dp_group)
-            t = t / self.dp_world
-        return t
-
-    def _pipeline_head_losses(self) -> torch.Tensor:
-        """Collective: mean per-head losses of the last train/eval batch, from the last stage to every rank
-        of its pipeline, then averaged over data-parallel replicas."""
-        loss, grid = self.pipe_loss, self.layout.grid
-        heads = torch.zeros(self.cfg.model.n_future_tokens, dtype=torch.float32)
-        if grid.is_last_stage:
-            heads = loss.head_sum.cpu() / loss.count
-        heads = heads.to(self.engine.device)
-        dist.broadcast(heads, src=grid.stage_to_global(grid.pipe_parallel_size - 1), group=grid.get_pipe_parallel_group())
-        return self._reduce_mean(heads).cpu()
-
-    def _record_pipeline_grad_norm(self) -> None:
-        """ZeRO-0 in fp32 keeps no gradient norm, and the pipeline engine steps (and zeroes the gradients)
-        inside train_batch, so the norm is taken where DeepSpeed would clip (or, with clipping off, just before
-        the optimizer steps). The clipping is ours too: DeepSpeed 0.19.8's clip_grad_norm_ counts replicated
-        parameters only where the grid's model-parallel rank is 0, which in the pipeline layout is the first
-        stage only, so it would clip with a norm that leaves the other stages out (measured: PP=2 drifted
-        from the single-process run). Same formula as DeepSpeed's: scale by min(1, clip / (norm + 1e-6))."""
-        def record(*_):
-            self._pipeline_grad_norm = self._grad_norm()
-
-        def clip():
-            record()
-            coef = self.cfg.optim.grad_clip / (self._pipeline_grad_norm + 1e-6)
-            if coef < 1.0:
-                for p in self.model.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
-
-        if self.cfg.optim.grad_clip > 0:
-            self.engine.clip_fp32_gradients = clip
-        else:
-            self.engine.optimizer.register_step_pre_hook(record)
-
-    def _pipeline_train_step(self, batches, lr: float) -> dict:
-        self.pipe_loss.reset()
-        self.pipe_loss.grad_scale = loss_grad_scale(self.engine)
-        loss = float(self.engine.train_batch(map(self._split, batches)))
-        grad_norm = self._pipeline_grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
-        return self._train_metrics(loss, self._pipeline_head_losses(), grad_norm, lr)
-
-    def _train_metrics(self, loss: float, head_losses: torch.Tensor, grad_norm, lr: float) -> dict:
-        return {"loss": loss, "head_losses": [float(x) for x in head_losses], "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        for line in startup_lines(self.cfg, self.dist, self.layout, self.dp_world, self.data_fingerprint,
+                                  self.zero_stage, self.precision, self.local_params, self.total_params):
+            self.logger.info(line)
+        for line in self.steps.describe():
+            self.logger.info(line)
 
     def train_step(self, batches) -> dict:
         lr = float(self.engine.get_lr()[0])  # the rate this step applies: the scheduler moves on inside step()
-        if self.layout.pipeline:
-            return self._pipeline_train_step(batches, lr)
-        head_sum = torch.zeros(self.cfg.model.n_future_tokens)
-        loss_sum = 0.0
-        gas = self.cfg.train.grad_accum_steps
-        grad_norm = None
-        for micro in range(gas):
-            tokens, labels = self._split(next(batches))
-            out = self.engine(tokens, labels, grad_scale=loss_grad_scale(self.engine))
-            self.engine.backward(out.loss)
-            if micro == gas - 1 and self.own_grad_norm:
-                grad_norm = self._grad_norm()  # before engine.step() clips; the gradients are already averaged
-            self.engine.step()
-            head_sum += out.head_losses.detach().float().cpu()
-            loss_sum += float(out.loss.detach())
-        head_losses = self._reduce_mean(head_sum / gas).cpu()
-        loss = float(self._reduce_mean(torch.tensor(loss_sum / gas)))
-        if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()
-        return self._train_metrics(loss, head_losses, grad_norm, lr)
+        loss, head_losses, grad_norm = self.steps.train_step(batches)
+        return {"loss": loss, "head_losses": [float(x) for x in head_losses], "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
@@ -289,17 +119,7 @@ class Trainer:
         batches = list(itertools.islice(iter(self.valid_loader), self.cfg.train.eval_iters))
         if not batches:
             return None
-        if self.layout.pipeline:
-            self.pipe_loss.reset()
-            self.engine.eval_batch(map(self._split, batches), num_micro_batches=len(batches))
-            head_losses = self._pipeline_head_losses()
-        else:
-            self.engine.eval()
-            head_sum = torch.zeros(self.cfg.model.n_future_tokens)
-            for tokens, labels in map(self._split, batches):
-                head_sum += self.engine(tokens, labels).head_losses.float().cpu()
-            head_losses = self._reduce_mean(head_sum / len(batches)).cpu()
-        self.engine.train()
+        head_losses = self.steps.evaluate(batches)
         weights = torch.tensor(self.cfg.model.loss_weights)
         return {"loss": float((weights * head_losses).sum()), "head_losses": [float(x) for x in head_losses]}
 
@@ -321,14 +141,7 @@ class Trainer:
         extra = {}
         if self.cfg.data.tokenizer and Path(self.cfg.data.tokenizer).is_file():
             extra["tokenizer.model"] = self.cfg.data.tokenizer
-        # One replica's tensor rank 0 per stage keeps its stage's weights.
-        keep = self.layout.tensor.rank == 0 and self.layout.dp_rank == 0
-        state = gather_full_state_dict(self.model, self.layout.tensor, keep=keep)
-        if self.layout.pipeline:
-            grid = self.layout.grid
-            if keep:
-                state = gather_pipeline_state_dict(state, self.cfg.model.n_trunk_layers, grid,
-                                                   keep=self.dist.rank == 0)
+        state = self.steps.full_state_dict(keep=self.layout.tensor.rank == 0 and self.layout.dp_rank == 0)
         if self.dist.rank == 0:
             save_weights(self.cfg.model, state, folder, extra)
         dist.barrier()

@@ -1,0 +1,217 @@
+"""The one seam between the trainer and DeepSpeed: the engine, and how a step runs on it for each layout.
+
+Imports deepspeed because this module is where `deepspeed.initialize` is called. It owns what the engine must
+be told or asked about: the parameter groups, the grad-ready hook on the model's MTPLoss (ZeRO reduces a
+gradient as soon as its hook fires, and the sequential heads write the shared norm's and unembedding's gradient
+once per head), the factor the sequential heads must apply before the engine's backward (its loss scale over
+the accumulation steps), and one step strategy per layout:
+
+    DataParallelSteps  forward/backward/step per micro-batch on a DeepSpeedEngine (ZeRO-0..3, tensor parallel)
+    PipelineSteps      train_batch/eval_batch on a PipelineEngine, the heads and loss on the last stage
+
+Both give the trainer the same three things (a train step's loss, head losses and gradient norm; an evaluation's
+head losses; the full weights), so the trainer has no layout branches.
+"""
+
+from __future__ import annotations
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig
+from .ds_config import precision, zero_stage
+from .lr_schedule import scheduler_factory
+from .parallel_layout import ParallelLayout
+from .pipeline import build_pipeline_module, gather_pipeline_state_dict
+from .tensor_parallel import gather_full_state_dict
+
+
+def ds_grad_ready_hook(params, ready: bool) -> None:
+    """ZeRO reduces a gradient as soon as its hook fires; the sequential heads produce the shared norm's and
+    unembedding's gradient once per head, so they are held back until the last head (DeepSpeed's own
+    TiledFusedLogitsLoss uses the same flag)."""
+    for p in params:
+        p.ds_grad_is_ready = ready
+
+
+def loss_grad_scale(engine) -> float:
+    """The factor engine.backward() applies to the loss: 1/GAS, times the fp16 loss scale if any."""
+    scale = 1.0
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is not None and hasattr(scaler, "cur_scale"):
+        scale = float(scaler.cur_scale)
+    return scale / engine.gradient_accumulation_steps()
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: norms (1-D) are not decayed, as in Megatron and nanoGPT."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 partitioned parameter's own tensor is empty
+        (decay if len(shape) >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout, model, dp_world: int):
+    """Collective: the DeepSpeed engine over the built model, wrapped in the step strategy of the layout."""
+    t = cfg.train
+    model.loss.engine_owns_grads = True  # ZeRO reduces and frees head gradients before the backward
+    if zero_stage(ds_cfg) > 0:
+        model.loss.grad_ready_hook = ds_grad_ready_hook
+    pipe_loss = None
+    if layout.pipeline:
+        # The pipeline module takes the model's modules (its heads stage shares model.loss); the engine gets its
+        # grid from the module.
+        model, pipe_loss = build_pipeline_module(
+            model, layout.grid.topology(), cfg.parallel.pipeline_partition,
+            checkpoint_interval=t.activation_checkpoint_interval if t.activation_checkpointing else 0)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg,
+        lr_scheduler=scheduler_factory(cfg.optim, t.steps),
+        mpu=None if layout.pipeline else layout.grid, dist_init_required=False)
+    steps = PipelineSteps if layout.pipeline else DataParallelSteps
+    return steps(cfg, ds_cfg, layout, engine, model, dp_world, pipe_loss)
+
+
+class Steps:
+    """What both layouts share: the batch split, the gradient norm, averages over data-parallel replicas."""
+
+    def __init__(self, cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout, engine, model, dp_world: int,
+                 pipe_loss=None):
+        self.cfg, self.layout, self.engine, self.model, self.dp_world = cfg, layout, engine, model, dp_world
+        self.pipe_loss = pipe_loss  # the pipeline's loss function, which collects the per-head losses
+        self.n_heads = cfg.model.n_future_tokens
+        # DeepSpeed clips but keeps no gradient norm on this path, so the norm is taken here.
+        self.own_grad_norm = zero_stage(ds_cfg) == 0 and precision(ds_cfg) == "fp32"
+
+    def describe(self) -> list[str]:
+        return []
+
+    def split(self, batch: torch.Tensor):
+        batch = batch.to(self.engine.device, non_blocking=True)
+        return batch[:, :self.cfg.data.seq_len], batch[:, 1:]
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of the (averaged) gradients: tensor-parallel shards summed over their group,
+        replicated parameters counted once."""
+        tp = self.layout.tensor
+        total = torch.zeros((), dtype=torch.float64)
+        for p in {id(p): p for p in self.model.parameters()}.values():
+            if p.grad is not None and (tp.rank == 0 or getattr(p, "tensor_model_parallel", False)):
+                total += p.grad.detach().double().pow(2).sum().cpu()
+        if self.layout.model_parallel_group is not None:  # every stage and tensor shard of this replica
+            dist.all_reduce(total, group=self.layout.model_parallel_group)
+        return float(total.sqrt())
+
+    def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().float().to(self.engine.device)
+        if self.dp_world > 1:
+            dist.all_reduce(t, group=self.layout.dp_group)
+            t = t / self.dp_world
+        return t
+
+    def full_state_dict(self, keep: bool) -> dict[str, torch.Tensor]:
+        """Collective: this replica's full weights with Meta's names on the rank with keep=True (one replica's
+        tensor rank 0 of the first stage); {} elsewhere."""
+        return gather_full_state_dict(self.model, self.layout.tensor, keep=keep)
+
+
+class DataParallelSteps(Steps):
+    def train_step(self, batches) -> tuple[float, torch.Tensor, float | None]:
+        """(loss, per-head losses, gradient norm) of one optimizer step, averaged over data-parallel replicas."""
+        head_sum, loss_sum = torch.zeros(self.n_heads), 0.0
+        gas = self.cfg.train.grad_accum_steps
+        grad_norm = None
+        for micro in range(gas):
+            tokens, labels = self.split(next(batches))
+            out = self.engine(tokens, labels, grad_scale=loss_grad_scale(self.engine))
+            self.engine.backward(out.loss)
+            if micro == gas - 1 and self.own_grad_norm:
+                grad_norm = self.grad_norm()  # before engine.step() clips; the gradients are already averaged
+            self.engine.step()
+            head_sum += out.head_losses.detach().float().cpu()
+            loss_sum += float(out.loss.detach())
+        head_losses = self.reduce_mean(head_sum / gas).cpu()
+        loss = float(self.reduce_mean(torch.tensor(loss_sum / gas)))
+        return loss, head_losses, grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
+
+    def evaluate(self, batches: list) -> torch.Tensor:
+        """Mean per-head losses over the micro-batches (no gradients), averaged over data-parallel replicas."""
+        self.engine.eval()
+        head_sum = torch.zeros(self.n_heads)
+        for tokens, labels in map(self.split, batches):
+            head_sum += self.engine(tokens, labels).head_losses.float().cpu()
+        self.engine.train()
+        return self.reduce_mean(head_sum / len(batches)).cpu()
+
+
+class PipelineSteps(Steps):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._grad_norm = None
+        if self.own_grad_norm:
+            self._record_grad_norm()
+
+    def describe(self) -> list[str]:
+        parts = self.engine.module.parts
+        return ["pipeline stages (layer 0 embedding, last the heads): " + ", ".join(
+            f"stage {s} layers {parts[s]}-{parts[s + 1] - 1}" for s in range(len(parts) - 1))]
+
+    def _record_grad_norm(self) -> None:
+        """ZeRO-0 in fp32 keeps no gradient norm, and the pipeline engine steps (and zeroes the gradients)
+        inside train_batch, so the norm is taken where DeepSpeed would clip (or, with clipping off, just before
+        the optimizer steps). The clipping is ours too: DeepSpeed 0.19.8's clip_grad_norm_ counts replicated
+        parameters only where the grid's model-parallel rank is 0, which in the pipeline layout is the first
+        stage only, so it would clip with a norm that leaves the other stages out (measured: PP=2 drifted
+        from the single-process run). Same formula as DeepSpeed's: scale by min(1, clip / (norm + 1e-6))."""
+        def record(*_):
+            self._grad_norm = self.grad_norm()
+
+        def clip():
+            record()
+            coef = self.cfg.optim.grad_clip / (self._grad_norm + 1e-6)
+            if coef < 1.0:
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+
+        if self.cfg.optim.grad_clip > 0:
+            self.engine.clip_fp32_gradients = clip
+        else:
+            self.engine.optimizer.register_step_pre_hook(record)
+
+    def _head_losses(self) -> torch.Tensor:
+        """Collective: mean per-head losses of the last train/eval batch, from the last stage to every rank
+        of its pipeline, then averaged over data-parallel replicas."""
+        loss, grid = self.pipe_loss, self.layout.grid
+        heads = torch.zeros(self.n_heads, dtype=torch.float32)
+        if grid.is_last_stage:
+            heads = loss.head_sum.cpu() / loss.count
+        heads = heads.to(self.engine.device)
+        dist.broadcast(heads, src=grid.stage_to_global(grid.pipe_parallel_size - 1), group=grid.get_pipe_parallel_group())
+        return self.reduce_mean(heads).cpu()
+
+    def train_step(self, batches) -> tuple[float, torch.Tensor, float | None]:
+        self.pipe_loss.reset()
+        self.pipe_loss.grad_scale = loss_grad_scale(self.engine)
+        loss = float(self.engine.train_batch(map(self.split, batches)))
+        grad_norm = self._grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
+        return loss, self._head_losses(), grad_norm
+
+    def evaluate(self, batches: list) -> torch.Tensor:
+        self.pipe_loss.reset()
+        # The validation split may hold fewer than eval_iters micro-batches: the engine must be told.
+        self.engine.eval_batch(map(self.split, batches), num_micro_batches=len(batches))
+        self.engine.train()
+        return self._head_losses()
+
+    def full_state_dict(self, keep: bool) -> dict[str, torch.Tensor]:
+        state = super().full_state_dict(keep)  # this stage's weights, one replica's tensor rank 0 per stage
+        if not keep:
+            return state
+        return gather_pipeline_state_dict(state, self.cfg.model.n_trunk_layers, self.layout.grid,
+                                          keep=dist.get_rank() == 0)
