@@ -250,8 +250,7 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
             if kind == "batch":
                 write(item.get() if pool else item)
             elif kind == "start":  # where to roll back to if this input turns out to be damaged
-                mark = (stats["documents"], stats["tokens"],
-                        None if writer is None else (len(writer.lengths), writer.n_tokens, writer.max_id))
+                mark = (stats["documents"], stats["tokens"], None if writer is None else writer.position())
             else:
                 path, size = item
                 shard_inputs.append(str(path))
@@ -275,8 +274,8 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
             if writer is not None:
                 writer.abort()
             writer = None
-        elif len(writer.lengths) > kept[0]:
-            _truncate(writer, *kept)
+        else:
+            writer.rollback(kept)
 
     def finish_shard():
         nonlocal writer, shard_inputs
@@ -386,15 +385,6 @@ def _stop_pool(pool, stopped: bool) -> None:
     if t.is_alive():
         for p in pool._pool:
             p.kill()
-
-
-def _truncate(writer: IndexedDatasetWriter, documents: int, tokens: int, max_id: int) -> None:
-    """Cut an open writer back to its first `documents` documents."""
-    writer._bin.flush()
-    writer._bin.truncate(tokens * writer.dtype.itemsize)
-    writer._bin.seek(tokens * writer.dtype.itemsize)
-    del writer.lengths[documents:]
-    writer.n_tokens, writer.max_id = tokens, max_id
 
 
 def _ignore(signum, frame):
