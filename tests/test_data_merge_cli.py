@@ -2,7 +2,6 @@
 failed or interrupted merge leaves nothing behind (no temporary .bin/.idx beside the output)."""
 
 import numpy as np
-import pytest
 
 from mtplm.data import inspect as data_inspect
 from mtplm.data.inspect import main as mtp_data
