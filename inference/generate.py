@@ -62,9 +62,13 @@ def read_prompts(path: str) -> list[tuple[str, str]]:
     the file and line of anything else that is not a prompt."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise ValueError(f"prompts_file: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
         raise ValueError(f"prompts_file: cannot read {path}: {e}") from None
     numbered = [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
+    if not numbered:  # otherwise reported as if no prompts file had been given
+        raise ValueError(f"prompts_file: {path} holds no prompts (it is empty or blank)")
     if not path.endswith(".jsonl"):
         return numbered
     prompts = []

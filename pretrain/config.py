@@ -43,8 +43,9 @@ class OptimConfig:
             raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas: expected two values in [0, 1), got {self.betas}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
+        for key in ("warmup_steps", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optim.{key}: must be >= 0, got {getattr(self, key)}")
 
     __post_init__ = validate
 
@@ -244,8 +245,12 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    except yaml.YAMLError as e:  # its text spans several lines (with a source excerpt): keep the line and problem
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -324,6 +329,10 @@ def check_input_files(cfg: TrainConfig, datasets: bool = True) -> None:
     if d.tokenizer and d.tokenizer != BYTE_TOKENIZER and not Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer: {d.tokenizer} is not a file (a SentencePiece .model, or "
                           f"'{BYTE_TOKENIZER}' for the byte-level tokenizer)")
+    out = Path(t.out_dir)
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"train.out_dir: {t.out_dir}: {blocker} is a file, not a folder")
     if t.init_from and not all((Path(t.init_from) / f).is_file() for f in (PARAMS_FILE, WEIGHTS_FILE)):
         raise ConfigError(f"train.init_from: {t.init_from} is not a consolidated model folder (needs {PARAMS_FILE} "
                           f"and {WEIGHTS_FILE}; mtp-export or the end of training writes one)")

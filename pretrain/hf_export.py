@@ -67,7 +67,7 @@ def export_hf(src: str | Path, out_dir: str | Path, tokenizer: str | Path | None
     torch_dtype = DTYPES[dtype]
     hf_sd, heads = to_hf(sd, cfg)
 
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, marker="config.json") as tmp:
         config = llama_config(cfg, torch_dtype, eod, bos)
         with torch.device("meta"):
             model = LlamaForCausalLM(config)

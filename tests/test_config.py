@@ -42,6 +42,8 @@ def test_json_file(tmp_path):
     (["--data.seq_len", "4096"], "data.seq_len: 4096 exceeds model.max_seq_len"),
     (["--optim.betas", "[0.9]"], "optim.betas"),
     (["--data.weights", "[0.5]"], "data.weights"),
+    (["--optim.grad_clip", "-1"], "optim.grad_clip: must be >= 0, got -1"),
+    (["--optim.warmup_steps", "-2"], "optim.warmup_steps: must be >= 0, got -2"),
 ])
 def test_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -53,8 +55,19 @@ def test_bad_files_are_named(tmp_path):
         load_config(TrainConfig, tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2\n")
-    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad.yaml:2:1: not valid YAML: expected ',' or ']'") as e:
         load_config(TrainConfig, bad)
+    assert "\n" not in str(e.value)  # YAML's own text spans lines with a source excerpt
+
+
+def test_out_dir_under_a_file_is_refused_at_load(tmp_path):
+    from mtplm.pretrain.config import check_input_files
+
+    (tmp_path / "f").write_text("")
+    for out_dir in (tmp_path / "f", tmp_path / "f" / "run"):
+        cfg = load_config(TrainConfig, None, ["--train.out_dir", str(out_dir)])
+        with pytest.raises(ConfigError, match=f"train.out_dir: {out_dir}: {tmp_path}/f is a file, not a folder"):
+            check_input_files(cfg, datasets=False)
 
 
 def test_override_parsing():

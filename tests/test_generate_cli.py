@@ -127,3 +127,17 @@ def test_cli_prompt_overflow(tmp_path, capsys, byte_model):
     with pytest.raises(SystemExit, match="2"):
         main(args + ["--prompt-overflow", "cut"])
     assert "prompt_overflow: expected error or truncate-left, got 'cut'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("p.jsonl", "\n  \n", "holds no prompts"),
+    ("p.txt", "", "holds no prompts"),
+    ("missing.jsonl", None, "cannot read {tmp}/missing.jsonl: No such file or directory"),
+])
+def test_empty_or_missing_prompts_file_names_the_file(tmp_path, capsys, byte_model, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    assert main([byte_model[1], "--prompts-file", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and str(path) in err and err.count("\n") == 1
