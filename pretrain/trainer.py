@@ -376,6 +376,7 @@ class Trainer:
                 metrics["tokens_per_s"] = tokens_per_step * (self.step - last_step) / max(now - last_time, 1e-9)
                 metrics["tokens_per_s_per_rank"] = metrics["tokens_per_s"] / self.dist.world_size
                 metrics["consumed_samples"] = self.consumed_samples
+                metrics["consumed_tokens"] = self.consumed_samples * cfg.data.seq_len
                 if peak:
                     metrics["mfu"] = metrics["tokens_per_s_per_rank"] * flops_token / peak
                 if not self.dist.on_cpu:

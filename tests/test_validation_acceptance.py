@@ -1,5 +1,6 @@
 """Draft acceptance logged by training's validation against the teacher-forced function on the same batches."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -84,3 +85,8 @@ def test_validation_logs_teacher_forced_acceptance(tmp_path, layout):
     assert "| acceptance [" in (out / "logs" / "rank0.log").read_text()
     monitor_files = {p.name for p in (tmp_path / "monitor").rglob("*.csv")}
     assert {"valid_acceptance_draft3.csv", "valid_tokens_per_forward_3_drafts.csv"} <= monitor_files, monitor_files
+    if layout == "single" and importlib.util.find_spec("matplotlib"):  # mtp-plot reads what the trainer wrote
+        from mtplm.pretrain.plot import main as plot_main
+
+        assert plot_main([str(out)]) == 0
+        assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "lr.png", "throughput.png", "acceptance.png"}
