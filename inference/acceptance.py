@@ -88,8 +88,7 @@ def acceptance_counts(head_argmax: torch.Tensor) -> AcceptanceCounts:
     if n == 1:
         empty = torch.zeros(0, dtype=torch.float64)
         return AcceptanceCounts(empty, empty, empty, empty)
-    as_f = lambda xs: torch.stack(xs).double().cpu()  # noqa: E731
-    return AcceptanceCounts(as_f(accepted), as_f(judged), as_f(gained), as_f(positions))
+    return AcceptanceCounts(*(torch.stack(xs).double().cpu() for xs in (accepted, judged, gained, positions)))
 
 
 def draft_acceptance(head_logits: torch.Tensor) -> tuple[torch.Tensor, AcceptanceCounts]:

@@ -17,7 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-PLOT_EXTRA = 'matplotlib is not installed; install the plot extra: pip install "mtplm[plot]" (pip install -e ".[plot]" in a checkout)'
+PLOT_EXTRA = ('matplotlib is not installed; install the plot extra: pip install "mtplm[plot]" '
+              '(pip install -e ".[plot]" in a checkout)')
 TRAIN_FIELDS = ("step", "head_losses", "lr", "tokens_per_s")
 VALID_FIELDS = ("step", "head_losses")
 
@@ -31,7 +32,8 @@ def read_metrics(run_dir: Path, metrics_file: str = "metrics.jsonl") -> tuple[li
     record still being written by a running job and is left out; any other bad line is refused."""
     path = run_dir / metrics_file
     if not path.is_file():
-        raise MetricsError(f"{path}: no such file (expected a training run's train.out_dir, which holds {metrics_file})")
+        raise MetricsError(f"{path}: no such file (expected a training run's train.out_dir, which holds "
+                           f"{metrics_file})")
     text = path.read_text()
     lines = text.split("\n")
     if not text.endswith("\n"):

@@ -16,7 +16,8 @@ def write_run(folder, n=4, steps=30, scale=1.0, acceptance=True, seq_len=64):
     lines = []
     for s in range(1, steps + 1):
         heads = [scale * (5 + k) / (1 + 0.1 * s) for k in range(n)]
-        lines.append({"kind": "train", "step": s, "loss": sum(heads), "head_losses": heads, "lr": scale * 1e-3 * min(1, s / 5),
+        lines.append({"kind": "train", "step": s, "loss": sum(heads), "head_losses": heads,
+                      "lr": scale * 1e-3 * min(1, s / 5),
                       "grad_norm": 1.0, "tokens_per_s": 1000 + 10 * s * scale, "consumed_samples": 8 * s,
                       "consumed_tokens": 8 * s * seq_len})
         if s % 10 == 0:
