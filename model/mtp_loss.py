@@ -68,12 +68,12 @@ def default_chunk_tokens(n_tokens: int, dim: int, vocab: int, min_chunk: int = 1
 
 class _SequentialHeads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, model, rope, targets, grad_scale, grad_enabled):
+    def forward(ctx, h, model, rope, targets, grad_scale, grad_enabled, argmax_out):
         # Function.forward always runs under no_grad; grad_enabled is the caller's mode.
         needs_grad = h.requires_grad and grad_enabled
         h_leaf = h.detach().requires_grad_(needs_grad)
         with torch.set_grad_enabled(needs_grad):
-            head_losses = _run_heads(model, h_leaf, rope, targets, grad_scale, needs_grad)
+            head_losses = _run_heads(model, h_leaf, rope, targets, grad_scale, needs_grad, argmax_out)
         weights = torch.tensor(model.cfg.loss_weights, dtype=torch.float32, device=h.device)
         total = (weights * head_losses).sum()
         ctx.grad_scale = grad_scale
@@ -93,7 +93,7 @@ class _SequentialHeads(torch.autograd.Function):
                 f"grad_scale = (loss scale) / (gradient accumulation steps) to the model's forward, or use "
                 f"loss_impl='naive'."
             )
-        return grad_h, None, None, None, None, None
+        return grad_h, None, None, None, None, None, None
 
 
 def padded_head_logits(heads, h, rope, n: int) -> torch.Tensor:
@@ -101,21 +101,27 @@ def padded_head_logits(heads, h, rope, n: int) -> torch.Tensor:
     return torch.stack([heads.output(heads.norm(heads.head_forward(k, h, rope))) for k in range(n)])
 
 
-def mtp_loss(heads, h, rope, labels, loss_impl: str = "sequential", grad_scale: float = 1.0):
+def mtp_loss(heads, h, rope, labels, loss_impl: str = "sequential", grad_scale: float = 1.0, argmax_out=None):
     """(weighted total, per-head mean losses) of every head on the trunk output h (B, T, dim).
 
     heads: the model, or anything with its head interface (cfg, head_forward, norm, output, loss_fn,
-    ce_chunk_tokens, grad_ready_hook), such as the last stage of a pipeline."""
+    ce_chunk_tokens, grad_ready_hook), such as the last stage of a pipeline.
+    argmax_out: None, or an (n, B, T) long tensor that receives every head's greedy token at every position
+    (validation's draft acceptance: one argmax per head per token over logits the loss computes anyway). The
+    logits must hold the whole vocabulary: not with tensor parallelism, whose logits are vocabulary shards."""
     cfg = heads.cfg
     targets = head_targets(labels, h.shape[1], cfg.n_future_tokens, cfg.ignore_index)
     if loss_impl == "sequential":
-        return sequential_mtp_loss(heads, h, rope, targets, grad_scale)
-    return naive_mtp_loss(heads, padded_head_logits(heads, h, rope, cfg.n_future_tokens), targets)
+        return sequential_mtp_loss(heads, h, rope, targets, grad_scale, argmax_out)
+    padded_logits = padded_head_logits(heads, h, rope, cfg.n_future_tokens)
+    if argmax_out is not None:
+        argmax_out.copy_(padded_logits[..., : cfg.vocab_size].argmax(-1))
+    return naive_mtp_loss(heads, padded_logits, targets)
 
 
-def sequential_mtp_loss(model, h, rope, targets, grad_scale: float = 1.0):
+def sequential_mtp_loss(model, h, rope, targets, grad_scale: float = 1.0, argmax_out=None):
     """Loss of all heads, computed and back-propagated one head at a time. Returns (total, head_losses)."""
-    return _SequentialHeads.apply(h, model, rope, targets, float(grad_scale), torch.is_grad_enabled())
+    return _SequentialHeads.apply(h, model, rope, targets, float(grad_scale), torch.is_grad_enabled(), argmax_out)
 
 
 def _set_ready(model, params, ready: bool) -> None:
@@ -123,7 +129,7 @@ def _set_ready(model, params, ready: bool) -> None:
         model.grad_ready_hook(params, ready)
 
 
-def _run_heads(model, h_leaf, rope, targets, grad_scale, needs_grad):
+def _run_heads(model, h_leaf, rope, targets, grad_scale, needs_grad, argmax_out=None):
     cfg = model.cfg
     n = targets.shape[0]
     weights = cfg.loss_weights
@@ -151,6 +157,8 @@ def _run_heads(model, h_leaf, rope, targets, grad_scale, needs_grad):
             logits = model.output(z_chunk)
             chunk_loss = model.loss_fn(logits, tgt[s:e], cfg.vocab_size, cfg.ignore_index)
             loss_sum += chunk_loss.detach()
+            if argmax_out is not None:
+                argmax_out[k].view(-1)[s:e] = logits.detach()[:, : cfg.vocab_size].argmax(-1)
             if needs_grad and coef > 0:
                 _set_ready(model, [out_w], out_last_use_here and last_head and i == len(starts) - 1)
                 torch.autograd.backward(chunk_loss * (coef * grad_scale))

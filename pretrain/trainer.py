@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from mtplm.data.fingerprint import describe, digest
+from mtplm.inference.acceptance import AcceptanceCounts, acceptance_counts
 from mtplm.model.flops import count_params, flops_per_token
 
 from .build_model import build_model, local_parameter_count
@@ -215,13 +216,17 @@ class Trainer:
     def _pipeline_head_losses(self) -> torch.Tensor:
         """Collective: mean per-head losses of the last train/eval batch, from the last stage to every rank
         of its pipeline, then averaged over data-parallel replicas."""
-        loss, grid = self.pipe_loss, self.layout.grid
-        heads = torch.zeros(self.cfg.model.n_future_tokens, dtype=torch.float32)
-        if grid.is_last_stage:
-            heads = loss.head_sum.cpu() / loss.count
-        heads = heads.to(self.engine.device)
-        dist.broadcast(heads, src=grid.stage_to_global(grid.pipe_parallel_size - 1), group=grid.get_pipe_parallel_group())
-        return self._reduce_mean(heads).cpu()
+        loss = self.pipe_loss
+        return self._from_last_stage((self.cfg.model.n_future_tokens,), lambda: loss.head_sum.cpu() / loss.count)
+
+    def _from_last_stage(self, shape, value) -> torch.Tensor:
+        """Collective: value() computed on the last pipeline stage, sent to every rank of its pipeline, then
+        averaged over data-parallel replicas."""
+        grid = self.layout.grid
+        t = value().float() if grid.is_last_stage else torch.zeros(shape, dtype=torch.float32)
+        t = t.to(self.engine.device)
+        dist.broadcast(t, src=grid.stage_to_global(grid.pipe_parallel_size - 1), group=grid.get_pipe_parallel_group())
+        return self._reduce_mean(t).cpu()
 
     def _record_pipeline_grad_norm(self) -> None:
         """ZeRO-0 in fp32 keeps no gradient norm, and the pipeline engine steps (and zeroes the gradients)
@@ -288,19 +293,36 @@ class Trainer:
         batches = list(itertools.islice(iter(self.valid_loader), self.cfg.train.eval_iters))
         if not batches:
             return None
+        # Draft acceptance needs whole-vocabulary logits: tensor parallelism's are vocabulary shards.
+        with_acceptance = self.cfg.model.n_future_tokens > 1 and self.layout.tensor.world == 1
+        acceptance = None
         if self.layout.pipeline:
             self.pipe_loss.reset()
+            self.pipe_loss.with_acceptance = with_acceptance
             self.engine.eval_batch(map(self._split, batches), num_micro_batches=len(batches))
+            self.pipe_loss.with_acceptance = False
             head_losses = self._pipeline_head_losses()
+            if with_acceptance:
+                n = self.cfg.model.n_future_tokens
+                acceptance = self._from_last_stage((4, n - 1), lambda: self.pipe_loss.acceptance.as_tensor())
         else:
             self.engine.eval()
             head_sum = torch.zeros(self.cfg.model.n_future_tokens)
             for tokens, labels in map(self._split, batches):
-                head_sum += self.engine(tokens, labels).head_losses.float().cpu()
+                out = self.engine(tokens, labels, head_argmax=with_acceptance)
+                head_sum += out.head_losses.float().cpu()
+                if with_acceptance:
+                    counts = acceptance_counts(out.head_argmax).as_tensor()
+                    acceptance = counts if acceptance is None else acceptance + counts
             head_losses = self._reduce_mean(head_sum / len(batches)).cpu()
+            if acceptance is not None:
+                acceptance = self._reduce_mean(acceptance).cpu()
         self.engine.train()
         weights = torch.tensor(self.cfg.model.loss_weights)
-        return {"loss": float((weights * head_losses).sum()), "head_losses": [float(x) for x in head_losses]}
+        result = {"loss": float((weights * head_losses).sum()), "head_losses": [float(x) for x in head_losses]}
+        if acceptance is not None:  # a mean of counts over replicas: the same ratios as their sum
+            result.update(AcceptanceCounts.from_tensor(acceptance).metrics())
+        return result
 
     def save(self) -> None:
         try:
@@ -354,6 +376,7 @@ class Trainer:
                 metrics["tokens_per_s"] = tokens_per_step * (self.step - last_step) / max(now - last_time, 1e-9)
                 metrics["tokens_per_s_per_rank"] = metrics["tokens_per_s"] / self.dist.world_size
                 metrics["consumed_samples"] = self.consumed_samples
+                metrics["consumed_tokens"] = self.consumed_samples * cfg.data.seq_len
                 if peak:
                     metrics["mfu"] = metrics["tokens_per_s_per_rank"] * flops_token / peak
                 if not self.dist.on_cpu:
