@@ -17,7 +17,8 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
 from mtplm.pretrain.config import ConfigError, TrainConfig, check_input_files, config_error_exit, load_config
-from mtplm.pretrain.ds_config import read_ds_json
+from mtplm.pretrain.ds_config import build_ds_config
+from mtplm.pretrain.parallel_layout import check_world_size
 
 
 def parse_args(argv: list[str] | None = None, check_datasets: bool = False) -> TrainConfig:
@@ -37,7 +38,10 @@ def parse_args(argv: list[str] | None = None, check_datasets: bool = False) -> T
         overrides += ["--train.deepspeed_config", args.deepspeed_config]
     try:
         cfg = load_config(TrainConfig, args.config, overrides)
-        read_ds_json(cfg.train.deepspeed_config)
+        # The layout first (world size, ZeRO stage against pipeline stages), then the files it would read.
+        import torch
+
+        build_ds_config(cfg, cfg.train.deepspeed_config, check_world_size(cfg), not torch.cuda.is_available())
         check_input_files(cfg, datasets=check_datasets)
     except ConfigError as e:
         config_error_exit(e, "mtp-train")
