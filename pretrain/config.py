@@ -311,7 +311,7 @@ def check_input_files(cfg: TrainConfig, datasets: bool = True) -> None:
     from mtplm.data.tokenizer import BYTE_TOKENIZER
     from mtplm.model.weights import PARAMS_FILE, WEIGHTS_FILE
 
-    from .checkpoint import resolve_resume
+    from .checkpoint import checkpoint_dir, complete_tags, resolve_resume
 
     d, t = cfg.data, cfg.train
     if datasets:
@@ -340,6 +340,12 @@ def check_input_files(cfg: TrainConfig, datasets: bool = True) -> None:
         resolve_resume(t.resume, t.out_dir)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
+    # A re-run of the same command must not silently train over a run's checkpoints from step 0.
+    done = complete_tags(checkpoint_dir(out)) if t.resume == "none" and checkpoint_dir(out).is_dir() else []
+    if done:
+        raise ConfigError(f"train.out_dir: {out} already holds this or another run's checkpoints (newest "
+                          f"{done[-1]}); pass --train.resume auto to continue it, or choose another train.out_dir "
+                          f"(or delete {out} to start over)")
 
 
 def config_error_exit(e: ConfigError, prog: str = "") -> typing.NoReturn:

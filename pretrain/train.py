@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -64,7 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointSaveError as e:
         print(f"mtp-train: {e}", file=sys.stderr)
         return 1
-    return 0 if not result.stopped_by_signal else 143
+    return exit_status(result)
+
+
+def exit_status(result) -> int:
+    """0 for a finished run. A run stopped on request (with a complete checkpoint) follows the shell's 128 +
+    signal: 130 after Ctrl-C; 143 after SIGTERM or Slurm's warning signal (launch/slurm_train.sh requeues on
+    143), and on a rank that stopped because another rank was signalled."""
+    if not result.stopped_by_signal:
+        return 0
+    return 130 if result.stop_signal == signal.SIGINT else 143
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ class TrainResult:
     train_log: list[dict] = field(default_factory=list)  # one record per optimizer step (rank 0's view)
     eval_log: list[dict] = field(default_factory=list)
     stopped_by_signal: bool = False
+    stop_signal: int | None = None  # the signal this rank received (None: another rank's stop was agreed)
 
 
 def ds_grad_ready_hook(params, ready: bool) -> None:
@@ -396,7 +397,7 @@ class Trainer:
                 if stop.agreed(self.engine.device):
                     self.logger.info(f"stop requested ({stop.name}); checkpointing at step {self.step}")
                     self.save()
-                    result.stopped_by_signal = True
+                    result.stopped_by_signal, result.stop_signal = True, stop.signum
                     break
                 if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
                     self.save()

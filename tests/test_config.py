@@ -208,3 +208,17 @@ def test_refusals_come_before_deepspeed_starts_as_one_line(tmp_path, args, messa
     # one line, the last thing printed: nothing from DeepSpeed before or after it
     assert len(lines) == 1 and lines[0].startswith(f"mtp-train: configuration error: {message.format(tmp=tmp_path)}"), \
         lines
+
+
+def test_a_rerun_into_a_run_with_checkpoints_is_refused(tmp_path):
+    """Without --train.resume, a second mtp-train into the same out_dir would train over the first run's
+    checkpoints from step 0; it is refused instead, before DeepSpeed starts, saying how to continue."""
+    for name in ("data.idx", "data.bin"):
+        (tmp_path / name).write_bytes(b"")
+    done = tmp_path / "run" / "checkpoints" / "step_00000004"
+    done.mkdir(parents=True)
+    (done / "COMPLETE").write_text("")
+    code, lines = _refusal(tmp_path, "--data.datasets", f"[{tmp_path}/data]")
+    assert code == 2, lines
+    assert len(lines) == 1 and "already holds" in lines[0] and "step_00000004" in lines[0] \
+        and "--train.resume auto" in lines[0], lines
