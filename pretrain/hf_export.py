@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mtplm.model.weights import atomic_folder
+from mtplm.model.weights import atomic_folder, check_output_folder
 
 from .consolidate import consolidated_state_dict
 from .hf_layout import main_stack_layers, to_hf
@@ -57,6 +57,7 @@ def export_hf(src: str | Path, out_dir: str | Path, tokenizer: str | Path | None
 
     from mtplm.data.tokenizer import BYTE_TOKENIZER, load_tokenizer
 
+    check_output_folder(out_dir, marker="config.json")  # before the slow part: gathering the weights
     sd, cfg, train_cfg = consolidated_state_dict(src)
     tok_path = tokenizer or train_cfg.get("data", {}).get("tokenizer")
     if not tokenizer and tok_path and tok_path != BYTE_TOKENIZER and not Path(tok_path).is_file():

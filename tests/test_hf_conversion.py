@@ -160,6 +160,22 @@ def test_export_from_a_run_whose_tokenizer_moved_names_it_and_takes_tokenizer(tm
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (tmp_path / "moved.model").read_bytes()
 
 
+def test_import_and_export_check_the_output_folder_before_converting(tmp_path, capsys):
+    """The output is refused before the source is read: a conversion takes minutes on a large model."""
+    (tmp_path / "src").mkdir()  # not a model at all: reading it would fail, so a refusal of it came first
+    (tmp_path / "file").write_text("")
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    for convert, marker in ((import_main, "params.json"), (export_main, "config.json")):
+        assert convert([str(tmp_path / "src"), str(tmp_path / "file")]) == 1
+        assert capsys.readouterr().err.strip().endswith(f"output {tmp_path}/file: is an existing file, not a folder")
+        assert convert([str(tmp_path / "src"), str(tmp_path / "kept")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert f"output {tmp_path}/kept: an existing folder that is not an earlier output of this kind (no {marker})" \
+            in err, err
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
+
+
 def test_bad_inputs_are_named(tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
     assert export_main([str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 1
