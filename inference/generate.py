@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             limit = f"[stopped at the context limit, max_seq_len {model.cfg.max_seq_len}]\n" * (reason == "context")
             print(f"=== {p!r}\n{p}{tok.decode(o)}\n{limit}")
         totals = stats if totals is None else totals + stats
-    acc = " ".join(f"{a:.2f}" for a in totals.acceptance) or "-"
+    # a position never judged (its earlier drafts were never all accepted) has no rate: '-', not nan
+    acc = " ".join(f"{a:.2f}" if p else "-" for a, p in zip(totals.acceptance, totals.proposed)) or "-"
     limited = f", {totals.context_limited} stopped at the context limit" if totals.context_limited else ""
     print(f"[{'speculative, ' + str(k) + ' draft heads' if k else 'plain decoding'}] {totals.tokens} tokens, "
           f"{totals.tokens_per_forward:.2f} tokens per forward, acceptance per draft position [{acc}], "
