@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mtplm.data.console import quiet_on_closed_stdout
 from mtplm.model.config import ConfigError
 from mtplm.pretrain.config import config_error_exit, from_dict, parse_overrides
 
@@ -97,6 +98,7 @@ def load_any(path: Path):
     return load_model(path)
 
 
+@quiet_on_closed_stdout
 def main(argv: list[str] | None = None) -> int:
     from mtplm.data.tokenizer import load_tokenizer
 
