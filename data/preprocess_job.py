@@ -1,6 +1,6 @@
 """The job an mtp-preprocess output folder holds: the tokenizer (by sha256), every setting that changes
-the tokens and the shard size, recorded in job.json before the first shard. A re-run must match it or is refused before it
-writes anything, so one folder never mixes two tokenizations."""
+the tokens and the shard size, recorded in job.json before the first shard. A re-run must match it or is
+refused before it writes anything, so one folder never mixes two tokenizations."""
 
 from __future__ import annotations
 

@@ -156,8 +156,9 @@ def test_export_from_a_run_whose_tokenizer_moved_names_it_and_takes_tokenizer(tm
     assert err == (f"mtp-export-hf: the run's tokenizer {tmp_path}/data/tokenizer.model (its data.tokenizer) is no "
                    f"longer at that path; pass --tokenizer PATH, the SentencePiece .model the run trained with"), err
     assert not (tmp_path / "hf").exists()
-    assert export_main([str(tmp_path / "ours"), str(tmp_path / "hf"), "--tokenizer", str(tmp_path / "moved.model")]) == 0
-    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (tmp_path / "moved.model").read_bytes()
+    moved = tmp_path / "moved.model"
+    assert export_main([str(tmp_path / "ours"), str(tmp_path / "hf"), "--tokenizer", str(moved)]) == 0
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == moved.read_bytes()
 
 
 def test_import_and_export_check_the_output_folder_before_converting(tmp_path, capsys):
