@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .console import quiet_on_closed_stdout
 from .indexed_dataset import bin_path, idx_path, write_index
 from .manifest import TOOL_VERSION, write_json_atomic
 from .tokenizer import load_tokenizer
@@ -100,6 +101,7 @@ def merge(out: str, specs: list[str]) -> Path:
     return out_prefix
 
 
+@quiet_on_closed_stdout
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mtp-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"mtp-data: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        raise  # the reader stopped early (| head): not an error to report
     except OSError as e:  # an output that cannot be written: a path under a file, permission, disk full
         print(f"mtp-data: {e.filename}: {e.strerror}" if e.filename else f"mtp-data: {e}", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mtplm.data.console import quiet_on_closed_stdout
 from mtplm.model.config import ConfigError
 from mtplm.pretrain.config import config_error_exit, from_dict, parse_overrides
 
@@ -97,6 +98,7 @@ def load_any(path: Path):
     return load_model(path)
 
 
+@quiet_on_closed_stdout
 def main(argv: list[str] | None = None) -> int:
     from mtplm.data.tokenizer import load_tokenizer
 
@@ -155,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             limit = f"[stopped at the context limit, max_seq_len {model.cfg.max_seq_len}]\n" * (reason == "context")
             print(f"=== {p!r}\n{p}{tok.decode(o)}\n{limit}")
         totals = stats if totals is None else totals + stats
-    acc = " ".join(f"{a:.2f}" for a in totals.acceptance) or "-"
+    # a position never judged (its earlier drafts were never all accepted) has no rate: '-', not nan
+    acc = " ".join(f"{a:.2f}" if p else "-" for a, p in zip(totals.acceptance, totals.proposed)) or "-"
     limited = f", {totals.context_limited} stopped at the context limit" if totals.context_limited else ""
     print(f"[{'speculative, ' + str(k) + ' draft heads' if k else 'plain decoding'}] {totals.tokens} tokens, "
           f"{totals.tokens_per_forward:.2f} tokens per forward, acceptance per draft position [{acc}], "

@@ -307,8 +307,9 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
 def check_input_files(cfg: TrainConfig, datasets: bool = True) -> None:
     """What needs no process group is checked when the config loads, before DeepSpeed starts: the files the run
     reads exist. `datasets`: the run reads cfg.data (not when a caller brings its own loaders)."""
+    from mtplm.data.loader import check_dataset
     from mtplm.data.manifest import resolve_shards
-    from mtplm.data.tokenizer import BYTE_TOKENIZER
+    from mtplm.data.tokenizer import BYTE_TOKENIZER, load_tokenizer
     from mtplm.model.weights import PARAMS_FILE, WEIGHTS_FILE
 
     from .checkpoint import checkpoint_dir, complete_tags, resolve_resume
@@ -326,9 +327,21 @@ def check_input_files(cfg: TrainConfig, datasets: bool = True) -> None:
                 for ext in (".idx", ".bin"):
                     if not Path(f"{prefix}{ext}").is_file():
                         raise ConfigError(f"data.datasets[{k}]: {spec}: shard {prefix}{ext} is missing")
+    tokenizer = None
     if d.tokenizer and d.tokenizer != BYTE_TOKENIZER and not Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer: {d.tokenizer} is not a file (a SentencePiece .model, or "
                           f"'{BYTE_TOKENIZER}' for the byte-level tokenizer)")
+    if d.tokenizer:
+        try:
+            tokenizer = load_tokenizer(d.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data.tokenizer: {e}") from None
+    if datasets:  # what the manifests say against the model and tokenizer; a scan of unlabelled data waits
+        for k in range(len(d.datasets)):
+            try:
+                check_dataset(d, k, cfg.model.vocab_size, tokenizer.sha256 if tokenizer else None, scan=False)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"data.datasets[{k}]: {e}") from None
     out = Path(t.out_dir)
     blocker = next((p for p in (out, *out.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():

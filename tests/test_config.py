@@ -196,11 +196,30 @@ def _refusal(tmp_path, *args):
     (["--data.tokenizer", "{tmp}/tok.model"], "data.tokenizer: {tmp}/tok.model is not a file"),
     (["--train.init_from", "{tmp}/model"], "train.init_from: {tmp}/model is not a consolidated model folder"),
     (["--train.resume", "{tmp}/ckpt"], "train.resume: {tmp}/ckpt is not a complete checkpoint"),
+    # from the manifests, not at engine start-up
+    (["--data.datasets", "[{tmp}/small]", "--data.split", "[0.9, 0.1, 0]"],
+     "data.datasets[0]: dataset {tmp}/small: its valid split is empty"),
+    (["--data.datasets", "[{tmp}/wide]"],
+     "data.datasets[0]: {tmp}/wide/dataset.json: tokenized with vocab_size 300, but model.vocab_size is 200"),
+    (["--data.datasets", "[{tmp}/high]"],
+     "data.datasets[0]: {tmp}/high/dataset.json: holds token id 250, but model.vocab_size is 200"),
+    (["--data.tokenizer", "bytes"], "data.datasets[0]: {tmp}/data/dataset.json: tokenized with tokenizer sha256 abab"),
+    (["--data.tokenizer", "{tmp}/text.model"], "data.tokenizer: {tmp}/text.model: not a SentencePiece model"),
 ], ids=["zero7", "no-datasets", "missing-dataset", "folder-without-manifest", "missing-shard", "missing-tokenizer",
-        "missing-init-from", "missing-resume"])
+        "missing-init-from", "missing-resume", "empty-split", "manifest-vocab", "manifest-max-id", "tokenizer-sha256",
+        "tokenizer-not-sentencepiece"])
 def test_refusals_come_before_deepspeed_starts_as_one_line(tmp_path, args, message):
-    for name in ("data.idx", "data.bin", "half.idx"):  # 'data' passes the existence checks; 'half' lacks its .bin
-        (tmp_path / name).write_bytes(b"")
+    from mtplm.data.synthetic import write_token_dataset
+
+    docs = [[1, 2, 3, 4, 5, 6, 7, 8]] * 60  # the default data.split leaves the valid split one document
+    write_token_dataset(tmp_path / "data", docs, vocab_size=200, tokenizer_sha256="ab" * 32)
+    write_token_dataset(tmp_path / "small", docs[:3], vocab_size=200)
+    write_token_dataset(tmp_path / "wide", docs, vocab_size=300)
+    high = write_token_dataset(tmp_path / "high", docs + [[1, 250]], vocab_size=300)
+    for f in high.glob("*.json"):  # a manifest that records no vocabulary, only the ids it holds
+        f.write_text(json.dumps({**json.loads(f.read_text()), "vocab_size": None}))
+    (tmp_path / "half.idx").write_bytes(b"")  # 'half' lacks its .bin
+    (tmp_path / "text.model").write_text("not a tokenizer\n")
     (tmp_path / "folder").mkdir()
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 7}}))
     code, lines = _refusal(tmp_path, "--data.datasets", f"[{tmp_path}/data]", *(a.format(tmp=tmp_path) for a in args))
