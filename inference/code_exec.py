@@ -158,12 +158,13 @@ def evaluate_code(model, tokenizer, problems: list[Problem], n_samples: int, ks:
         bar.update(len(chunk))
     bar.close()
     bar = tqdm(total=len(jobs), desc="executing", unit="run", disable=None if progress is None else not progress)
-    passed = [0]
+    tally = [0, 0]  # passed, run (a disabled bar counts nothing)
 
     def tick(r: ExecResult) -> None:
-        passed[0] += r.passed
+        tally[0] += r.passed
+        tally[1] += 1
         bar.update(1)
-        bar.set_postfix(passed=f"{passed[0] / bar.n:.3f}")
+        bar.set_postfix(passed=f"{tally[0] / tally[1]:.3f}")
 
     results = run_completions(problems, completions, timeout, memory_mb, workers, tick)
     bar.close()
