@@ -20,7 +20,6 @@ requires editing its source). Run untrusted models' code in a throw-away contain
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import subprocess
 import sys

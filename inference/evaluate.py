@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -82,7 +81,8 @@ def _data_config(args, model, train_cfg: dict):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="mtp-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="mtp-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="consolidated folder, Hugging Face export, or training checkpoint folder")
     p.add_argument("--output", default="eval.json", help="JSON file of every figure (default: eval.json)")
     g = p.add_argument_group("loss and acceptance on a dataset")
@@ -160,7 +160,8 @@ def table(results: dict) -> str:
     for t in results.get("tasks", []):
         rows.append((f"{t['file']} accuracy", f"{t['accuracy']:.4f} ({t['correct']}/{t['records']})"))
         for key, values in t["by"].items():
-            rows += [(f"  {key}={v}", f"{s['accuracy']:.4f} ({s['correct']}/{s['records']})") for v, s in values.items()]
+            rows += [(f"  {key}={v}", f"{s['accuracy']:.4f} ({s['correct']}/{s['records']})")
+                     for v, s in values.items()]
         rows.append(("  tokens per forward", f"{t['tokens_per_forward']:.3f}"))
     if "code" in results:
         c = results["code"]

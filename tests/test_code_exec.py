@@ -87,9 +87,9 @@ def test_mtp_eval_code_needs_the_flag_and_computes_pass_at_k(tmp_path, capsys):
     folder = save_model(MTPTransformer(tiny_model_config(vocab_size=256, max_seq_len=64)).eval(), tmp_path / "m")
     # The completion lands in a comment (cut at the first line break), so "ok" passes and "never" fails
     # whatever the model writes.
-    problems = [{"task_id": "ok", "prompt": "def f():\n    return 1\n#", "test": "def check(g):\n    assert g() == 1\n",
-                 "entry_point": "f"},
-                {"task_id": "never", "prompt": "def f():\n    return 1\n#", "test": "def check(g):\n    assert g() == 2\n",
+    prompt = "def f():\n    return 1\n#"
+    problems = [{"task_id": "ok", "prompt": prompt, "test": "def check(g):\n    assert g() == 1\n", "entry_point": "f"},
+                {"task_id": "never", "prompt": prompt, "test": "def check(g):\n    assert g() == 2\n",
                  "entry_point": "f"}]
     f = tmp_path / "problems.jsonl"
     f.write_text("".join(json.dumps(p) + "\n" for p in problems))
