@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mtplm.model.weights import atomic_folder
+from mtplm.model.weights import atomic_folder, check_output_folder
 
 from .consolidate import consolidated_state_dict
 from .hf_layout import HEADS_FILE, MTP_CONFIG, to_hf
@@ -53,10 +53,14 @@ def export_hf(src: str | Path, out_dir: str | Path, tokenizer: str | Path | None
               max_shard_size: str = "5GB") -> Path:
     from transformers import GenerationConfig, LlamaForCausalLM
 
-    from mtplm.data.tokenizer import load_tokenizer
+    from mtplm.data.tokenizer import BYTE_TOKENIZER, load_tokenizer
 
+    check_output_folder(out_dir, marker="config.json")  # before the slow part: gathering the weights
     sd, cfg, train_cfg = consolidated_state_dict(src)
     tok_path = tokenizer or train_cfg.get("data", {}).get("tokenizer")
+    if not tokenizer and tok_path and tok_path != BYTE_TOKENIZER and not Path(tok_path).is_file():
+        raise FileNotFoundError(f"the run's tokenizer {tok_path} (its data.tokenizer) is no longer at that path; "
+                                f"pass --tokenizer PATH, the SentencePiece .model the run trained with")
     if tok_path is None and (Path(src) / "tokenizer.model").is_file():
         tok_path = Path(src) / "tokenizer.model"
     tok = load_tokenizer(tok_path) if tok_path else None
@@ -65,7 +69,7 @@ def export_hf(src: str | Path, out_dir: str | Path, tokenizer: str | Path | None
     torch_dtype = DTYPES[dtype]
     hf_sd, heads = to_hf(sd, cfg)
 
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, marker="config.json") as tmp:
         config = llama_config(cfg, torch_dtype, eod, bos)
         with torch.device("meta"):
             model = LlamaForCausalLM(config)

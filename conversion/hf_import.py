@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from mtplm.model.config import ModelConfig
 from mtplm.model.transformer import MTPTransformer
-from mtplm.model.weights import save_model
+from mtplm.model.weights import check_output_folder, save_model
 
 from .hf_layout import HEADS_FILE, MTP_CONFIG, from_hf, to_hf
 from .import_config import hf_model_config, meta_model_config
@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     src = Path(args.source)
     try:
+        check_output_folder(args.output)  # before the conversion, which takes minutes on a large model
         if (src / "params.json").is_file() and list(src.glob("consolidated.*.pth")):
             model = load_meta_native(src)
         else:

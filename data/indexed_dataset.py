@@ -85,6 +85,20 @@ class IndexedDatasetWriter:
         if len(arr):
             self.max_id = max(self.max_id, int(arr.max()))
 
+    def position(self) -> tuple[int, int, int]:
+        """Where the writer stands (documents, tokens, largest id): a point rollback() can return to."""
+        return len(self.lengths), self.n_tokens, self.max_id
+
+    def rollback(self, position: tuple[int, int, int]) -> None:
+        """Forget every document added since `position` (from position()), e.g. those of an input found damaged
+        part-way through."""
+        documents, tokens, max_id = position
+        self._bin.flush()
+        self._bin.truncate(tokens * self.dtype.itemsize)
+        self._bin.seek(tokens * self.dtype.itemsize)
+        del self.lengths[documents:]
+        self.n_tokens, self.max_id = tokens, max_id
+
     def finish(self) -> Path:
         self._bin.close()
         tmp_idx = self.prefix.with_name(self.prefix.name + ".idx.tmp")

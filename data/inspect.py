@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .console import quiet_on_closed_stdout
 from .indexed_dataset import bin_path, idx_path, write_index
 from .manifest import TOOL_VERSION, write_json_atomic
 from .tokenizer import load_tokenizer
@@ -66,26 +67,31 @@ def merge(out: str, specs: list[str]) -> Path:
     dtypes = {s.dtype for s in shards}
     if len(dtypes) != 1:
         raise ValueError(f"cannot merge shards of different dtypes: {sorted(map(str, dtypes))}")
-    hashes = {m.get("tokenizer_sha256") for m in manifests} - {None}
-    if len(hashes) > 1:
-        raise ValueError("cannot merge datasets made with different tokenizers (tokenizer_sha256 differs)")
+    hashes = {spec: d.manifest["tokenizer_sha256"] for spec, d in zip(specs, opened)
+              if d.manifest and d.manifest.get("tokenizer_sha256")}
+    if len(set(hashes.values())) > 1:
+        raise ValueError("cannot merge datasets made with different tokenizers: "
+                         + ", ".join(f"{spec} has tokenizer_sha256 {h[:16]}" for spec, h in hashes.items()))
     dtype = dtypes.pop()
     out_prefix = Path(out)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_bin = out_prefix.with_name(out_prefix.name + ".bin.tmp")
-    lengths, doc_idx, base = [], [0], 0
-    with open(tmp_bin, "wb") as f:
-        for s in shards:
-            with open(bin_path(s.prefix), "rb") as src:
-                shutil.copyfileobj(src, f, 16 << 20)
-            lengths.append(np.asarray(s.lengths))
-            doc_idx.extend(int(x) + base for x in s.doc_indices[1:])
-            base += len(s.lengths)
     tmp_idx = out_prefix.with_name(out_prefix.name + ".idx.tmp")
-    write_index(tmp_idx, dtype, np.concatenate(lengths), np.asarray(doc_idx, dtype=np.int64))
-    bin_path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
-    tmp_bin.replace(bin_path(out_prefix))
-    tmp_idx.replace(idx_path(out_prefix))
+    lengths, doc_idx, base = [], [0], 0
+    try:
+        with open(tmp_bin, "wb") as f:
+            for s in shards:
+                with open(bin_path(s.prefix), "rb") as src:
+                    shutil.copyfileobj(src, f, 16 << 20)
+                lengths.append(np.asarray(s.lengths))
+                doc_idx.extend(int(x) + base for x in s.doc_indices[1:])
+                base += len(s.lengths)
+        write_index(tmp_idx, dtype, np.concatenate(lengths), np.asarray(doc_idx, dtype=np.int64))
+        tmp_bin.replace(bin_path(out_prefix))
+        tmp_idx.replace(idx_path(out_prefix))
+    finally:  # after a failure or Ctrl-C: no partial pair left behind, under any name
+        tmp_bin.unlink(missing_ok=True)
+        tmp_idx.unlink(missing_ok=True)
     merged = {k: manifests[0][k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size", "eod_id", "dtype")
               if manifests and k in manifests[0]}
     merged.update(documents=len(doc_idx) - 1, tokens=int(sum(s.n_tokens for s in shards)),
@@ -95,6 +101,7 @@ def merge(out: str, specs: list[str]) -> Path:
     return out_prefix
 
 
+@quiet_on_closed_stdout
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mtp-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"mtp-data: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        raise  # the reader stopped early (| head): not an error to report
+    except OSError as e:  # an output that cannot be written: a path under a file, permission, disk full
+        print(f"mtp-data: {e.filename}: {e.strerror}" if e.filename else f"mtp-data: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mtp-data: interrupted; nothing was written under the output's name", file=sys.stderr)
+        return 130
     return 0
 
 

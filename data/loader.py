@@ -108,23 +108,35 @@ def _stack(samples):
     return torch.stack(samples)
 
 
+def check_dataset(cfg: DataConfig, k: int, vocab_size: int, tokenizer_sha256: str | None, scan: bool = True):
+    """Open data.datasets[k] and refuse what training could not use: a manifest against the model and tokenizer,
+    ids beyond the vocabulary, a split that leaves it no documents. `scan`: False leaves the token scan of data
+    without a manifest to the open at training (mtp-train checks the rest at config load)."""
+    spec = cfg.datasets[k]
+    opened = open_dataset(spec)
+    prefixes, manifest = opened.prefixes, opened.manifest
+    check_manifest(manifest, str(opened.manifest_file if manifest is not None else spec), vocab_size,
+                   tokenizer_sha256)
+    for p in prefixes:  # per-shard manifests record each shard's max id
+        if shard_manifest_path(p).is_file():
+            check_manifest(read_manifest(shard_manifest_path(p)), str(shard_manifest_path(p)), vocab_size,
+                           tokenizer_sha256)
+    check_token_ids(opened, vocab_size, Path(cfg.cache_dir) if cfg.cache_dir else None, scan)
+    docs = ShardedDocuments(prefixes, opened.shards)
+    splits = split_documents(len(docs), cfg.split, cfg.seed)
+    for split in ("train", "valid") if cfg.split[1] > 0 else ("train",):
+        if len(splits[split]) == 0:  # dropping it would silently change the blend
+            raise ValueError(f"dataset {spec}: its {split} split is empty (data.split {cfg.split} of its "
+                             f"{len(docs)} documents); give that split a larger ratio, or 0")
+    return opened, docs, splits
+
+
 def build_datasets(cfg: DataConfig, n_future_tokens: int, vocab_size: int, tokenizer_sha256: str | None,
                    split: str):
     parts, weights = [], []
     for k, spec in enumerate(cfg.datasets):
-        opened = open_dataset(spec)
-        prefixes, manifest = opened.prefixes, opened.manifest
-        check_manifest(manifest, str(spec), vocab_size, tokenizer_sha256)
-        for p in prefixes:  # per-shard manifests record each shard's max id
-            if shard_manifest_path(p).is_file():
-                check_manifest(read_manifest(shard_manifest_path(p)), str(shard_manifest_path(p)), vocab_size,
-                               tokenizer_sha256)
-        check_token_ids(opened, vocab_size, Path(cfg.cache_dir) if cfg.cache_dir else None)
-        docs = ShardedDocuments(prefixes, opened.shards)
-        ids = split_documents(len(docs), cfg.split, cfg.seed)[split]
-        if len(ids) == 0:  # dropping it would silently change the blend
-            raise ValueError(f"dataset {spec}: its {split} split is empty (data.split {cfg.split} of its "
-                             f"{len(docs)} documents); give that split a larger ratio, or 0")
+        opened, docs, splits = check_dataset(cfg, k, vocab_size, tokenizer_sha256)
+        prefixes, ids = opened.prefixes, splits[split]
         cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(prefixes[0]).parent / "index_cache"
         name = f"{Path(spec).name}-{split}"
         parts.append(GPTSampleDataset(docs, ids, cfg.seq_len, n_future_tokens, cfg.seed, cache, name,

@@ -72,6 +72,9 @@ def resolve_shards(spec: str | Path) -> tuple[list[Path], dict | None]:
                                     f"finishes; an interrupted run must be re-run to complete it)")
         manifest = read_manifest(manifest_file, dataset=True)
         return [spec / s for s in manifest["shards"]], manifest
+    if spec.suffix in (".idx", ".bin") and spec.is_file() and not Path(f"{spec}.idx").is_file():
+        raise FileNotFoundError(f"dataset {spec}: name a .idx/.bin pair by its prefix, without the extension: "
+                                f"{spec.with_suffix('')}")
     if not Path(f"{spec}.idx").is_file():
         raise FileNotFoundError(f"dataset {spec}: neither a folder with {DATASET_MANIFEST} nor a prefix of an "
                                 f".idx/.bin pair ({spec}.idx is missing)")

@@ -21,10 +21,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from mtplm.config import ConfigError, config_error_exit, from_dict, merge, parse_overrides, read_config_file
@@ -32,6 +30,7 @@ from mtplm.config import ConfigError, config_error_exit, from_dict, merge, parse
 from .indexed_dataset import IndexedDatasetWriter, token_dtype
 from .manifest import DATASET_MANIFEST, TOOL_VERSION, read_manifest, shard_manifest_path, write_json_atomic
 from .preprocess_job import JOB_FILE, PreprocessError, check_job, job_settings, recorded_job
+from .preprocess_pool import init_worker, start_pool, stop_pool, tokenize_batch
 from .readers import BadInput, BadRecord, discover, input_format, read_documents
 from .tokenizer import BYTE_TOKENIZER, load_tokenizer, train_sentencepiece
 
@@ -85,44 +84,6 @@ class Interrupted(KeyboardInterrupt):
 
 class _Terminated(KeyboardInterrupt):
     pass
-
-
-# -- tokenization workers -------------------------------------------------------------------------------
-_TOKENIZER = None
-
-
-def _init_worker(spec: str) -> None:
-    global _TOKENIZER
-    _TOKENIZER = load_tokenizer(spec)
-
-
-def _init_pool_worker(spec: str) -> None:
-    # The main process decides when to stop (Ctrl-C reaches the whole process group); SIGTERM still ends a
-    # worker silently, which is how the main process stops the pool.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _init_worker(spec)
-
-
-def _start_pool(workers: int, spec: str):
-    # Python keeps an inherited SIG_IGN for SIGINT, so workers started while it is ignored never raise
-    # KeyboardInterrupt, not even while still importing, before _init_worker runs.
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
-    try:
-        return get_context("spawn").Pool(workers, _init_pool_worker, (spec,))
-    finally:
-        if in_main:
-            signal.signal(signal.SIGINT, previous)
-
-
-def _tokenize(texts: list[str], eod: int | None, dtype) -> list[np.ndarray]:
-    out = []
-    for text in texts:
-        ids = _TOKENIZER.encode(text)
-        if eod is not None:
-            ids.append(eod)
-        out.append(np.asarray(ids, dtype=dtype))
-    return out
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -221,9 +182,9 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
 
     stats = dict(documents=0, tokens=0, bytes=0, empty=0, errors=0)
     workers = cfg.workers or os.cpu_count() or 1
-    pool = _start_pool(workers, tok_spec) if workers > 1 and todo else None
+    pool = start_pool(workers, tok_spec) if workers > 1 and todo else None
     if pool is None and todo:
-        _init_worker(tok_spec)
+        init_worker(tok_spec)
     bar = tqdm(total=sum(f.stat().st_size for f in todo), unit="B", unit_scale=True, desc="preprocess",
                disable=None, file=sys.stderr)
     t0 = time.time()
@@ -249,8 +210,7 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
             if kind == "batch":
                 write(item.get() if pool else item)
             elif kind == "start":  # where to roll back to if this input turns out to be damaged
-                mark = (stats["documents"], stats["tokens"],
-                        None if writer is None else (len(writer.lengths), writer.n_tokens, writer.max_id))
+                mark = (stats["documents"], stats["tokens"], None if writer is None else writer.position())
             else:
                 path, size = item
                 shard_inputs.append(str(path))
@@ -274,8 +234,8 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
             if writer is not None:
                 writer.abort()
             writer = None
-        elif len(writer.lengths) > kept[0]:
-            _truncate(writer, *kept)
+        else:
+            writer.rollback(kept)
 
     def finish_shard():
         nonlocal writer, shard_inputs
@@ -290,7 +250,7 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
         writer, shard_inputs = None, []
 
     def submit(batch):
-        pending.append(("batch", pool.apply_async(_tokenize, (batch, eod, dtype)) if pool else _tokenize(batch, eod, dtype)))
+        pending.append(("batch", pool.apply_async(tokenize_batch, (batch, eod, dtype)) if pool else tokenize_batch(batch, eod, dtype)))
         drain(in_flight)
 
     try:
@@ -345,7 +305,7 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
     finally:
         bar.close()
         if pool is not None:
-            _stop_pool(pool, stopped=sys.exc_info()[0] is not None)
+            stop_pool(pool, stopped=sys.exc_info()[0] is not None)
 
     elapsed = max(time.time() - t0, 1e-9)
     totals = {"documents": 0, "tokens": 0, "max_token_id": -1}
@@ -371,29 +331,6 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
         f"skipped {stats['empty']} empty documents and {stats['errors']} bad records; dataset {out} now has "
         f"{len(shards.shards)} shards, {totals['tokens']} tokens")
     return {**summary, "run": run}
-
-
-def _stop_pool(pool, stopped: bool) -> None:
-    if not stopped:
-        pool.terminate()
-        return
-    # A worker ended by the signal (SIGTERM reaches the whole group) may have died holding one of the pool's
-    # queue locks, and terminate() then waits for it forever: give it a bounded time, then kill the workers.
-    t = threading.Thread(target=pool.terminate, daemon=True)
-    t.start()
-    t.join(10)
-    if t.is_alive():
-        for p in pool._pool:
-            p.kill()
-
-
-def _truncate(writer: IndexedDatasetWriter, documents: int, tokens: int, max_id: int) -> None:
-    """Cut an open writer back to its first `documents` documents."""
-    writer._bin.flush()
-    writer._bin.truncate(tokens * writer.dtype.itemsize)
-    writer._bin.seek(tokens * writer.dtype.itemsize)
-    del writer.lengths[documents:]
-    writer.n_tokens, writer.max_id = tokens, max_id
 
 
 def _ignore(signum, frame):

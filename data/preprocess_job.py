@@ -1,6 +1,6 @@
-"""The job an mtp-preprocess output folder holds: the tokenizer (by sha256) and every setting that changes
-the tokens, recorded in job.json before the first shard. A re-run must match it or is refused before it
-writes anything, so one folder never mixes two tokenizations."""
+"""The job an mtp-preprocess output folder holds: the tokenizer (by sha256), every setting that changes
+the tokens and the shard size, recorded in job.json before the first shard. A re-run must match it or is
+refused before it writes anything, so one folder never mixes two tokenizations."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ JOB_FILE = "job.json"
 # (adding inputs to a dataset is a new run of the same job).
 JOB_KEYS = ("tokenizer", "tokenizer_sha256", "vocab_size", "tokenizer_type", "tokenizer_sample_mb", "append_eod",
             "format", "text_key", "max_shard_tokens")
+# Settings that change how tokens are cut into shards, not the tokens. Still refused: a continued run must write
+# the very shards (and bytes) one uninterrupted run would.
+LAYOUT_KEYS = ("max_shard_tokens",)
 
 
 def job_settings(cfg, tok) -> dict:
@@ -65,7 +68,7 @@ def _show(key: str, settings: dict) -> str:
 def check_job(out: Path, recorded: dict | None, job: dict) -> None:
     if recorded is None:
         return
-    diffs = []
+    diffs, layout = [], []
     for key in JOB_KEYS:
         old, new = recorded.get(key), job.get(key)
         if old is None or new is None:
@@ -75,7 +78,15 @@ def check_job(out: Path, recorded: dict | None, job: dict) -> None:
                 continue
             old, new = (v if v in (BYTE_TOKENIZER, "trained") else "a SentencePiece file" for v in (old, new))
         if old != new:
-            diffs.append(f"{key}: {_show(key, recorded)} in {out}, {_show(key, job)} in this run")
+            (layout if key in LAYOUT_KEYS else diffs).append(
+                f"{key}: {_show(key, recorded)} in {out}, {_show(key, job)} in this run")
+    if not diffs and not layout:
+        return
     if diffs:
-        raise PreprocessError(f"{out} holds another job's data, refusing to mix tokenizations: " + "; ".join(diffs)
-                              + f" (re-run with the settings in {out / JOB_FILE}, or choose another --output)")
+        why = "holds another job's data, refusing to mix tokenizations: " + "; ".join(diffs)
+        if layout:
+            why += "; layout settings differ too: " + "; ".join(layout)
+    else:
+        why = ("holds the same tokenization in other shards, refusing to change its shard layout (the tokens "
+               "would be the same, but a continued run must write the shards one run would): " + "; ".join(layout))
+    raise PreprocessError(f"{out} {why} (re-run with the settings in {out / JOB_FILE}, or choose another --output)")

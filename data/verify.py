@@ -136,9 +136,10 @@ def _vouched(where: Path, recorded: int, shards: list[IndexedDataset]) -> tuple[
     return where, 0, recorded
 
 
-def shard_id_bounds(ds: OpenedDataset, cache_dir: Path | None = None) -> list[tuple[Path, int, int]]:
+def shard_id_bounds(ds: OpenedDataset, cache_dir: Path | None = None,
+                    scan: bool = True) -> list[tuple[Path, int, int]]:
     """(file that vouches for it, smallest id, largest id): per shard from its manifest, else from the dataset's
-    manifest, else from a scan."""
+    manifest, else from a scan (leaves such shards out when not `scan`)."""
     recorded = [m.get("max_token_id") if m else None for m in ds.shard_manifests]
     if None in recorded and Path(ds.spec).is_dir() and ds.manifest.get("max_token_id") is not None:
         return [_vouched(ds.manifest_file, int(ds.manifest["max_token_id"]), ds.shards)]
@@ -146,20 +147,21 @@ def shard_id_bounds(ds: OpenedDataset, cache_dir: Path | None = None) -> list[tu
     for s, r in zip(ds.shards, recorded):
         if r is not None:
             out.append(_vouched(shard_manifest_path(s.prefix), int(r), [s]))
-        else:
+        elif scan:
             lo, hi = token_range(s, cache_dir)
             out.append((bin_path(s.prefix), lo, hi))
     return out
 
 
-def check_token_ids(ds: OpenedDataset, vocab_size: int, cache_dir: Path | None = None) -> None:
-    """Refuse ids the model's embedding cannot look up, naming the file and both numbers."""
+def check_token_ids(ds: OpenedDataset, vocab_size: int, cache_dir: Path | None = None, scan: bool = True) -> None:
+    """Refuse ids the model's embedding cannot look up, naming the file and both numbers. Not `scan`: only the ids
+    that manifests record (a shard without one is left to the check when training opens it)."""
     for s in ds.shards:
         if s.dtype.kind == "f":
             raise DatasetFormatError(f"{idx_path(s.prefix)}: holds {s.dtype} tokens; token ids must be integers")
     if all(s.dtype.kind == "u" and np.iinfo(s.dtype).max < vocab_size for s in ds.shards):
         return  # e.g. uint16 data for a vocabulary of 65536 or more: no id can be out of range, nothing to read
-    for where, lo, hi in shard_id_bounds(ds, cache_dir):
+    for where, lo, hi in shard_id_bounds(ds, cache_dir, scan):
         if hi >= vocab_size:
             raise ValueError(f"{where}: holds token id {hi}, but model.vocab_size is {vocab_size} "
                              f"(ids must be < vocab_size)")

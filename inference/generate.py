@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from mtplm.config import ConfigError, config_error_exit, from_dict, parse_overrides
+from mtplm.data.console import quiet_on_closed_stdout
 
 from .speculative import PROMPT_OVERFLOW, MTPGenerator, fit_prompt
 
@@ -61,9 +62,13 @@ def read_prompts(path: str) -> list[tuple[str, str]]:
     the file and line of anything else that is not a prompt."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise ValueError(f"prompts_file: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
         raise ValueError(f"prompts_file: cannot read {path}: {e}") from None
     numbered = [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
+    if not numbered:  # otherwise reported as if no prompts file had been given
+        raise ValueError(f"prompts_file: {path} holds no prompts (it is empty or blank)")
     if not path.endswith(".jsonl"):
         return numbered
     prompts = []
@@ -92,6 +97,7 @@ def load_any(path: Path):
     return load_model(path)
 
 
+@quiet_on_closed_stdout
 def main(argv: list[str] | None = None) -> int:
     from mtplm.data.tokenizer import load_tokenizer
 
@@ -150,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             limit = f"[stopped at the context limit, max_seq_len {model.cfg.max_seq_len}]\n" * (reason == "context")
             print(f"=== {p!r}\n{p}{tok.decode(o)}\n{limit}")
         totals = stats if totals is None else totals + stats
-    acc = " ".join(f"{a:.2f}" for a in totals.acceptance) or "-"
+    # a position never judged (its earlier drafts were never all accepted) has no rate: '-', not nan
+    acc = " ".join(f"{a:.2f}" if p else "-" for a, p in zip(totals.acceptance, totals.proposed)) or "-"
     limited = f", {totals.context_limited} stopped at the context limit" if totals.context_limited else ""
     print(f"[{'speculative, ' + str(k) + ' draft heads' if k else 'plain decoding'}] {totals.tokens} tokens, "
           f"{totals.tokens_per_forward:.2f} tokens per forward, acceptance per draft position [{acc}], "

@@ -40,13 +40,17 @@ class GenerationStats:
     # Why each sequence ended, in prompt order: "stop" (a stop token), "length" (max_new_tokens) or "context"
     # (it reached the model's max_seq_len).
     finish_reasons: list[str] = field(default_factory=list)
+    # Drafts accepted at each decoding step of each sequence, in prompt order. Step i of a sequence with prompt
+    # length P drafted from position P - 1 + sum(1 + a for a in its steps before i): the position whose head-1
+    # token was pending (inference/acceptance.py checks the teacher-forced run lengths there against these).
+    step_accepted: list[list[int]] = field(default_factory=list)
 
     def __add__(self, other: GenerationStats) -> GenerationStats:
         """Totals over several generate() calls (batches) with the same number of draft heads."""
         return GenerationStats(self.forwards + other.forwards, self.sequence_steps + other.sequence_steps,
                                self.tokens + other.tokens, [a + b for a, b in zip(self.proposed, other.proposed)],
                                [a + b for a, b in zip(self.accepted, other.accepted)], self.seconds + other.seconds,
-                               self.finish_reasons + other.finish_reasons)
+                               self.finish_reasons + other.finish_reasons, self.step_accepted + other.step_accepted)
 
     @property
     def context_limited(self) -> int:
@@ -151,7 +155,7 @@ class MTPGenerator:
         # A sequence in the batch has fewer than max_new_tokens generated, all but the pending one cached, and a
         # step writes the pending token and k drafts after them, never past the context (see k_step below).
         cache = ModelKVCache(self.model, B, min(P + max_new_tokens + k, L))
-        stats = GenerationStats(proposed=[0] * k, accepted=[0] * k)
+        stats = GenerationStats(proposed=[0] * k, accepted=[0] * k, step_accepted=[[] for _ in prompts])
         t0 = time.perf_counter()
 
         tokens = torch.zeros(B, P, dtype=torch.long, device=device)
@@ -217,6 +221,7 @@ class MTPGenerator:
                 for j in range(k_step):  # draft j was judged only if drafts before it were accepted
                     stats.proposed[j] += int(j <= a)
                     stats.accepted[j] += int(j < a)
+                stats.step_accepted[b].append(a)
                 for j in range(a):
                     emit(b, drafted[j])
                 emit(b, tok)

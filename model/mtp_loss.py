@@ -100,13 +100,21 @@ class MTPLoss:
             raise ValueError(f"loss_impl must be 'sequential' or 'naive', got {impl!r}")
         self._impl = impl
 
-    def __call__(self, heads: LossHeads, h, rope, labels, grad_scale: float = 1.0):
-        """(weighted total, per-head mean losses) of every head on the trunk output h (B, T, dim)."""
+    def __call__(self, heads: LossHeads, h, rope, labels, grad_scale: float = 1.0, argmax_out=None):
+        """(weighted total, per-head mean losses) of every head on the trunk output h (B, T, dim).
+
+        argmax_out: None, or an (n, B, T) long tensor that receives every head's greedy token at every position
+        (validation's draft acceptance: one argmax per head per token over logits the loss computes anyway). The
+        logits must hold the whole vocabulary: not with tensor parallelism, whose logits are vocabulary shards."""
         cfg = heads.cfg
         targets = head_targets(labels, h.shape[1], cfg.n_future_tokens, cfg.ignore_index)
         if self.impl == "sequential":
-            return _SequentialHeads.apply(h, heads, self, rope, targets, float(grad_scale), torch.is_grad_enabled())
-        return self.naive(heads, self.logits(heads, h, rope, cfg.n_future_tokens), targets)
+            return _SequentialHeads.apply(h, heads, self, rope, targets, float(grad_scale), torch.is_grad_enabled(),
+                                          argmax_out)
+        padded_logits = self.logits(heads, h, rope, cfg.n_future_tokens)
+        if argmax_out is not None:
+            argmax_out.copy_(padded_logits[..., : cfg.vocab_size].argmax(-1))
+        return self.naive(heads, padded_logits, targets)
 
     @staticmethod
     def logits(heads: LossHeads, h, rope, n: int) -> torch.Tensor:
@@ -159,13 +167,13 @@ def default_chunk_tokens(n_tokens: int, dim: int, vocab: int, min_chunk: int = 1
 
 class _SequentialHeads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, heads, loss, rope, targets, grad_scale, grad_enabled):
+    def forward(ctx, h, heads, loss, rope, targets, grad_scale, grad_enabled, argmax_out):
         # Function.forward always runs under no_grad; grad_enabled is the caller's mode.
         wants_grad = h.requires_grad and grad_enabled
         needs_grad = wants_grad and heads.training
         h_leaf = h.detach().requires_grad_(needs_grad)
         with torch.set_grad_enabled(needs_grad):
-            head_losses, wrote = _run_heads(heads, loss, h_leaf, rope, targets, grad_scale, needs_grad)
+            head_losses, wrote = _run_heads(heads, loss, h_leaf, rope, targets, grad_scale, needs_grad, argmax_out)
         if wrote:
             loss._record_written(heads.norm.weight)
         weights = torch.tensor(heads.cfg.loss_weights, dtype=torch.float32, device=h.device)
@@ -195,10 +203,10 @@ class _SequentialHeads(torch.autograd.Function):
                 f"loss_impl='naive'."
             )
         ctx.loss._check_written(ctx.heads.norm.weight, ctx.written)
-        return grad_h, None, None, None, None, None, None
+        return grad_h, None, None, None, None, None, None, None
 
 
-def _run_heads(heads, loss, h_leaf, rope, targets, grad_scale, needs_grad):
+def _run_heads(heads, loss, h_leaf, rope, targets, grad_scale, needs_grad, argmax_out=None):
     """Per-head mean losses, and whether any head gradient was written."""
     cfg = heads.cfg
     n = targets.shape[0]
@@ -227,6 +235,8 @@ def _run_heads(heads, loss, h_leaf, rope, targets, grad_scale, needs_grad):
             logits = heads.output(z_chunk)
             chunk_loss = loss.cross_entropy(logits, tgt[s:e], cfg.vocab_size, cfg.ignore_index)
             loss_sum += chunk_loss.detach()
+            if argmax_out is not None:
+                argmax_out[k].view(-1)[s:e] = logits.detach()[:, : cfg.vocab_size].argmax(-1)
             if needs_grad and coef > 0:
                 loss._set_ready([out_w], out_last_use_here and last_head and i == len(starts) - 1)
                 torch.autograd.backward(chunk_loss * (coef * grad_scale))

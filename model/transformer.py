@@ -207,6 +207,7 @@ class MTPOutput:
     loss: torch.Tensor | None = None  # weighted sum of the head losses (what is back-propagated)
     head_losses: torch.Tensor | None = None  # (n,) mean cross-entropy of each head, detached
     logits: torch.Tensor | None = None  # (B, T, V) for head 1, or (n, B, T, V) with all_heads=True
+    head_argmax: torch.Tensor | None = None  # (n, B, T) every head's greedy token, with head_argmax=True
 
 
 class MTPTransformer(nn.Module):
@@ -286,13 +287,15 @@ class MTPTransformer(nn.Module):
         return self.output(self.norm(x))[..., : self.cfg.vocab_size]
 
     def forward(self, tokens, labels=None, *, all_heads: bool = False, return_logits: bool | None = None,
-                grad_scale: float = 1.0) -> MTPOutput:
+                grad_scale: float = 1.0, head_argmax: bool = False) -> MTPOutput:
         """tokens: (B, T) inputs. labels: (B, >= T) where labels[:, j] is the token after position j, so head k
         (1-based) at position t is trained on labels[:, t + k - 1]; positions past the end of labels, and
         labels equal to ignore_index, are masked. A sample of seq_len + n tokens gives every head a target.
 
         grad_scale: the factor the caller's backward will apply to the loss (1 / gradient accumulation steps,
         times the fp16 loss scale). The sequential path computes head gradients inside this call and needs it.
+        head_argmax: with labels, also every head's greedy token at every position (draft acceptance at
+        validation, inference/acceptance.py), taken from the logits the loss computes.
         """
         B, T = tokens.shape
         rope = rope_for(tokens, self.cfg)
@@ -302,14 +305,18 @@ class MTPTransformer(nn.Module):
         out = MTPOutput()
         n_heads = self.n_future_tokens if (all_heads or labels is not None) else 1
 
+        if head_argmax and labels is not None:
+            out.head_argmax = torch.empty(self.n_future_tokens, B, T, dtype=torch.long, device=tokens.device)
         if labels is not None and not return_logits:
-            out.loss, out.head_losses = self.loss(self, h, rope, labels, grad_scale)
+            out.loss, out.head_losses = self.loss(self, h, rope, labels, grad_scale, out.head_argmax)
             return out
 
         padded_logits = self.loss.logits(self, h, rope, n_heads)
         if labels is not None:
             targets = head_targets(labels, T, self.n_future_tokens, self.cfg.ignore_index)
             out.loss, out.head_losses = self.loss.naive(self, padded_logits, targets)
+            if out.head_argmax is not None:
+                out.head_argmax.copy_(padded_logits[..., : self.cfg.vocab_size].argmax(-1))
         if return_logits:
             logits = padded_logits[..., : self.cfg.vocab_size]
             out.logits = logits if all_heads else logits[0]

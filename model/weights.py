@@ -53,12 +53,29 @@ def _apply_umask(folder: Path) -> None:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-@contextmanager
-def atomic_folder(out_dir: str | Path):
-    """Yield a temporary folder beside out_dir; on success it replaces out_dir, on error it is removed,
-    so a folder at out_dir is always complete. The result has the umask's permissions, like any other output."""
+def check_output_folder(out_dir: str | Path, marker: str = PARAMS_FILE) -> Path:
+    """What atomic_folder will refuse, for a tool to check before its slow part."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output {out_dir}: is an existing file, not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / marker).is_file():
+        raise ValueError(f"output {out_dir}: an existing folder that is not an earlier output of this kind (no "
+                         f"{marker}); refusing to replace it: choose a new or empty folder")
+    return out_dir
+
+
+@contextmanager
+def atomic_folder(out_dir: str | Path, marker: str = PARAMS_FILE):
+    """Yield a temporary folder beside out_dir; on success it replaces out_dir, on error it is removed,
+    so a folder at out_dir is always complete. The result has the umask's permissions, like any other output.
+
+    An existing out_dir is replaced only when it is empty or holds `marker` (an earlier output of the same kind,
+    e.g. a re-run): a mistyped output path must not delete a run folder or anything else the user keeps there."""
+    out_dir = check_output_folder(out_dir, marker)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"output {out_dir}: cannot create its parent folder ({e.strerror})") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp

@@ -112,6 +112,12 @@ def save_checkpoint(engine, cfg: TrainConfig, step: int, client_state: dict) -> 
     tag = tag_for(step)
     rank = dist.get_rank()
     folder = root / tag
+    if rank == 0:
+        # Saving over a complete checkpoint of the same step (a resumed run that ends where it started, or a new
+        # run in the same out_dir): unmark it before its files are rewritten, so a crash meanwhile cannot leave
+        # a folder marked complete that mixes two saves.
+        (folder / COMPLETE).unlink(missing_ok=True)
+    dist.barrier()
     failures: list[str] = []
     ds_engine = engine.checkpoint_engine
     engine.checkpoint_engine = _RecordingCheckpointEngine(ds_engine, failures)

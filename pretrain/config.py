@@ -37,8 +37,9 @@ class OptimConfig:
             raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas: expected two values in [0, 1), got {self.betas}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
+        for key in ("warmup_steps", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optim.{key}: must be >= 0, got {getattr(self, key)}")
 
     __post_init__ = validate
 
@@ -149,11 +150,12 @@ class TrainConfig:
 def check_input_files(cfg: TrainConfig, datasets: bool = True) -> None:
     """What needs no process group is checked when the config loads, before DeepSpeed starts: the files the run
     reads exist. `datasets`: the run reads cfg.data (not when a caller brings its own loaders)."""
+    from mtplm.data.loader import check_dataset
     from mtplm.data.manifest import resolve_shards
-    from mtplm.data.tokenizer import BYTE_TOKENIZER
+    from mtplm.data.tokenizer import BYTE_TOKENIZER, load_tokenizer
     from mtplm.model.weights import PARAMS_FILE, WEIGHTS_FILE
 
-    from .checkpoint import resolve_resume
+    from .checkpoint import checkpoint_dir, complete_tags, resolve_resume
 
     d, t = cfg.data, cfg.train
     if datasets:
@@ -168,9 +170,25 @@ def check_input_files(cfg: TrainConfig, datasets: bool = True) -> None:
                 for ext in (".idx", ".bin"):
                     if not Path(f"{prefix}{ext}").is_file():
                         raise ConfigError(f"data.datasets[{k}]: {spec}: shard {prefix}{ext} is missing")
+    tokenizer = None
     if d.tokenizer and d.tokenizer != BYTE_TOKENIZER and not Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer: {d.tokenizer} is not a file (a SentencePiece .model, or "
                           f"'{BYTE_TOKENIZER}' for the byte-level tokenizer)")
+    if d.tokenizer:
+        try:
+            tokenizer = load_tokenizer(d.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data.tokenizer: {e}") from None
+    if datasets:  # what the manifests say against the model and tokenizer; a scan of unlabelled data waits
+        for k in range(len(d.datasets)):
+            try:
+                check_dataset(d, k, cfg.model.vocab_size, tokenizer.sha256 if tokenizer else None, scan=False)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"data.datasets[{k}]: {e}") from None
+    out = Path(t.out_dir)
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"train.out_dir: {t.out_dir}: {blocker} is a file, not a folder")
     if t.init_from and not all((Path(t.init_from) / f).is_file() for f in (PARAMS_FILE, WEIGHTS_FILE)):
         raise ConfigError(f"train.init_from: {t.init_from} is not a consolidated model folder (needs {PARAMS_FILE} "
                           f"and {WEIGHTS_FILE}; mtp-export or the end of training writes one)")
@@ -178,3 +196,9 @@ def check_input_files(cfg: TrainConfig, datasets: bool = True) -> None:
         resolve_resume(t.resume, t.out_dir)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
+    # A re-run of the same command must not silently train over a run's checkpoints from step 0.
+    done = complete_tags(checkpoint_dir(out)) if t.resume == "none" and checkpoint_dir(out).is_dir() else []
+    if done:
+        raise ConfigError(f"train.out_dir: {out} already holds this or another run's checkpoints (newest "
+                          f"{done[-1]}); pass --train.resume auto to continue it, or choose another train.out_dir "
+                          f"(or delete {out} to start over)")

@@ -10,7 +10,7 @@ the accumulation steps), and one step strategy per layout:
     PipelineSteps      train_batch/eval_batch on a PipelineEngine, the heads and loss on the last stage
 
 Both give the trainer the same three things (a train step's loss, head losses and gradient norm; an evaluation's
-head losses; the full weights), so the trainer has no layout branches.
+head losses and draft-acceptance counts; the full weights), so the trainer has no layout branches.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import deepspeed
 import torch
 import torch.distributed as dist
+
+from mtplm.inference.acceptance import acceptance_counts
 
 from .config import TrainConfig
 from .ds_config import precision, zero_stage
@@ -139,14 +141,21 @@ class DataParallelSteps(Steps):
         loss = float(self.reduce_mean(torch.tensor(loss_sum / gas)))
         return loss, head_losses, grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
 
-    def evaluate(self, batches: list) -> torch.Tensor:
-        """Mean per-head losses over the micro-batches (no gradients), averaged over data-parallel replicas."""
+    def evaluate(self, batches: list, with_acceptance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean per-head losses, draft-acceptance counts (AcceptanceCounts.as_tensor) or None) over the
+        micro-batches (no gradients), averaged over data-parallel replicas."""
         self.engine.eval()
-        head_sum = torch.zeros(self.n_heads)
+        head_sum, acceptance = torch.zeros(self.n_heads), None
         for tokens, labels in map(self.split, batches):
-            head_sum += self.engine(tokens, labels).head_losses.float().cpu()
+            out = self.engine(tokens, labels, head_argmax=with_acceptance)
+            head_sum += out.head_losses.float().cpu()
+            if with_acceptance:
+                counts = acceptance_counts(out.head_argmax).as_tensor()
+                acceptance = counts if acceptance is None else acceptance + counts
         self.engine.train()
-        return self.reduce_mean(head_sum / len(batches)).cpu()
+        if acceptance is not None:
+            acceptance = self.reduce_mean(acceptance).cpu()
+        return self.reduce_mean(head_sum / len(batches)).cpu(), acceptance
 
 
 class PipelineSteps(Steps):
@@ -185,15 +194,18 @@ class PipelineSteps(Steps):
             self.engine.optimizer.register_step_pre_hook(record)
 
     def _head_losses(self) -> torch.Tensor:
-        """Collective: mean per-head losses of the last train/eval batch, from the last stage to every rank
-        of its pipeline, then averaged over data-parallel replicas."""
-        loss, grid = self.pipe_loss, self.layout.grid
-        heads = torch.zeros(self.n_heads, dtype=torch.float32)
-        if grid.is_last_stage:
-            heads = loss.head_sum.cpu() / loss.count
-        heads = heads.to(self.engine.device)
-        dist.broadcast(heads, src=grid.stage_to_global(grid.pipe_parallel_size - 1), group=grid.get_pipe_parallel_group())
-        return self.reduce_mean(heads).cpu()
+        """Collective: mean per-head losses of the last train/eval batch (see _from_last_stage)."""
+        loss = self.pipe_loss
+        return self._from_last_stage((self.n_heads,), lambda: loss.head_sum.cpu() / loss.count)
+
+    def _from_last_stage(self, shape, value) -> torch.Tensor:
+        """Collective: value() computed on the last pipeline stage, sent to every rank of its pipeline, then
+        averaged over data-parallel replicas."""
+        grid = self.layout.grid
+        t = value().float() if grid.is_last_stage else torch.zeros(shape, dtype=torch.float32)
+        t = t.to(self.engine.device)
+        dist.broadcast(t, src=grid.stage_to_global(grid.pipe_parallel_size - 1), group=grid.get_pipe_parallel_group())
+        return self.reduce_mean(t).cpu()
 
     def train_step(self, batches) -> tuple[float, torch.Tensor, float | None]:
         self.pipe_loss.reset()
@@ -202,12 +214,18 @@ class PipelineSteps(Steps):
         grad_norm = self._grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
         return loss, self._head_losses(), grad_norm
 
-    def evaluate(self, batches: list) -> torch.Tensor:
+    def evaluate(self, batches: list, with_acceptance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.pipe_loss.reset()
+        self.pipe_loss.with_acceptance = with_acceptance
         # The validation split may hold fewer than eval_iters micro-batches: the engine must be told.
         self.engine.eval_batch(map(self.split, batches), num_micro_batches=len(batches))
+        self.pipe_loss.with_acceptance = False
         self.engine.train()
-        return self._head_losses()
+        head_losses, acceptance = self._head_losses(), None
+        if with_acceptance:
+            shape = (4, self.n_heads - 1)  # AcceptanceCounts.as_tensor()
+            acceptance = self._from_last_stage(shape, lambda: self.pipe_loss.acceptance.as_tensor())
+        return head_losses, acceptance
 
     def full_state_dict(self, keep: bool) -> dict[str, torch.Tensor]:
         state = super().full_state_dict(keep)  # this stage's weights, one replica's tensor rank 0 per stage

@@ -85,6 +85,10 @@ class MetricsLogger:
         if self.monitor is not None:
             events = [(f"{kind}/{k}", v, step) for k, v in metrics.items() if isinstance(v, (int, float))]
             events += [(f"{kind}/head{i + 1}_loss", v, step) for i, v in enumerate(metrics.get("head_losses", []))]
+            events += [(f"{kind}/acceptance_draft{j + 1}", v, step)
+                       for j, v in enumerate(metrics.get("acceptance", []))]
+            events += [(f"{kind}/tokens_per_forward_{k + 1}_drafts", v, step)
+                       for k, v in enumerate(metrics.get("tokens_per_forward", []))]
             self.monitor.write_events(events)
         if kind == "train":
             if self.bar is not None:
@@ -95,7 +99,11 @@ class MetricsLogger:
                 self.info(format_metrics(step, self.total_steps, metrics))
         else:
             heads = " ".join(f"{x:.3f}" for x in metrics["head_losses"])
-            self.info(f"{kind} step {step} | loss {metrics['loss']:.4f} | heads [{heads}]")
+            line = f"{kind} step {step} | loss {metrics['loss']:.4f} | heads [{heads}]"
+            if "acceptance" in metrics:
+                line += (" | acceptance [" + " ".join(f"{x:.3f}" for x in metrics["acceptance"])
+                         + "] | tokens/forward [" + " ".join(f"{x:.2f}" for x in metrics["tokens_per_forward"]) + "]")
+            self.info(line)
 
     def info(self, msg: str) -> None:
         """To the log file, and to the terminal above the progress bar (or through the logger without one)."""

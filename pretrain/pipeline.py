@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mtplm.inference.acceptance import acceptance_counts
 from mtplm.model.transformer import MTPTransformer, rope_for
 
 
@@ -65,15 +66,23 @@ class PipelineLoss:
 
     def __init__(self, heads: HeadsStage):
         self.heads = heads
-        self.grad_scale = 1.0  # set by the trainer before each train_batch (see model.mtp_loss)
+        self.grad_scale = 1.0  # set by engine.py before each train_batch (see model.mtp_loss)
+        self.with_acceptance = False  # set by engine.py around eval_batch: also count draft acceptance
         self.reset()
 
     def reset(self) -> None:
-        self.head_sum, self.count = None, 0
+        self.head_sum, self.count, self.acceptance = None, 0, None
 
     def __call__(self, h, labels):
-        total, head_losses = self.heads.loss(self.heads, h, rope_for(h, self.heads.cfg), labels,
-                                             self.grad_scale if torch.is_grad_enabled() else 1.0)
+        cfg = self.heads.cfg
+        argmax = None
+        if self.with_acceptance:
+            argmax = torch.empty(cfg.n_future_tokens, *h.shape[:2], dtype=torch.long, device=h.device)
+        total, head_losses = self.heads.loss(self.heads, h, rope_for(h, cfg), labels,
+                                             self.grad_scale if torch.is_grad_enabled() else 1.0, argmax)
+        if argmax is not None:
+            counts = acceptance_counts(argmax)
+            self.acceptance = counts if self.acceptance is None else self.acceptance + counts
         head_losses = head_losses.detach().float()
         self.head_sum = head_losses if self.head_sum is None else self.head_sum + head_losses
         self.count += 1

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
 from mtplm.pretrain.config import ConfigError, TrainConfig, check_input_files, config_error_exit, load_config
-from mtplm.pretrain.ds_config import read_ds_json
+from mtplm.pretrain.ds_config import build_ds_config
+from mtplm.pretrain.parallel_layout import check_world_size
 
 
 def parse_args(argv: list[str] | None = None, check_datasets: bool = False) -> TrainConfig:
@@ -37,7 +39,10 @@ def parse_args(argv: list[str] | None = None, check_datasets: bool = False) -> T
         overrides += ["--train.deepspeed_config", args.deepspeed_config]
     try:
         cfg = load_config(TrainConfig, args.config, overrides)
-        read_ds_json(cfg.train.deepspeed_config)
+        # The layout first (world size, ZeRO stage against pipeline stages), then the files it would read.
+        import torch
+
+        build_ds_config(cfg, cfg.train.deepspeed_config, check_world_size(cfg), not torch.cuda.is_available())
         check_input_files(cfg, datasets=check_datasets)
     except ConfigError as e:
         config_error_exit(e, "mtp-train")
@@ -60,7 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointSaveError as e:
         print(f"mtp-train: {e}", file=sys.stderr)
         return 1
-    return 0 if not result.stopped_by_signal else 143
+    return exit_status(result)
+
+
+def exit_status(result) -> int:
+    """0 for a finished run. A run stopped on request (with a complete checkpoint) follows the shell's 128 +
+    signal: 130 after Ctrl-C; 143 after SIGTERM or Slurm's warning signal (launch/slurm_train.sh requeues on
+    143), and on a rank that stopped because another rank was signalled."""
+    if not result.stopped_by_signal:
+        return 0
+    return 130 if result.stop_signal == signal.SIGINT else 143
 
 
 if __name__ == "__main__":

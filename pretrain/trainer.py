@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mtplm.inference.acceptance import AcceptanceCounts
 from mtplm.model.flops import flops_per_token
 
 from .build_model import build_model, local_parameter_count
@@ -33,6 +34,7 @@ class TrainResult:
     train_log: list[dict] = field(default_factory=list)  # one record per optimizer step (rank 0's view)
     eval_log: list[dict] = field(default_factory=list)
     stopped_by_signal: bool = False
+    stop_signal: int | None = None  # the signal this rank received (None: another rank's stop was agreed)
 
 
 class Trainer:
@@ -119,9 +121,14 @@ class Trainer:
         batches = list(itertools.islice(iter(self.valid_loader), self.cfg.train.eval_iters))
         if not batches:
             return None
-        head_losses = self.steps.evaluate(batches)
+        # Draft acceptance needs whole-vocabulary logits: tensor parallelism's are vocabulary shards.
+        with_acceptance = self.cfg.model.n_future_tokens > 1 and self.layout.tensor.world == 1
+        head_losses, acceptance = self.steps.evaluate(batches, with_acceptance)
         weights = torch.tensor(self.cfg.model.loss_weights)
-        return {"loss": float((weights * head_losses).sum()), "head_losses": [float(x) for x in head_losses]}
+        result = {"loss": float((weights * head_losses).sum()), "head_losses": [float(x) for x in head_losses]}
+        if acceptance is not None:  # a mean of counts over replicas: the same ratios as their sum
+            result.update(AcceptanceCounts.from_tensor(acceptance).metrics())
+        return result
 
     def save(self) -> None:
         try:
@@ -168,6 +175,7 @@ class Trainer:
                 metrics["tokens_per_s"] = tokens_per_step * (self.step - last_step) / max(now - last_time, 1e-9)
                 metrics["tokens_per_s_per_rank"] = metrics["tokens_per_s"] / self.dist.world_size
                 metrics["consumed_samples"] = self.consumed_samples
+                metrics["consumed_tokens"] = self.consumed_samples * cfg.data.seq_len
                 if peak:
                     metrics["mfu"] = metrics["tokens_per_s_per_rank"] * flops_token / peak
                 if not self.dist.on_cpu:
@@ -187,7 +195,7 @@ class Trainer:
                 if stop.agreed(self.engine.device):
                     self.logger.info(f"stop requested ({stop.name}); checkpointing at step {self.step}")
                     self.save()
-                    result.stopped_by_signal = True
+                    result.stopped_by_signal, result.stop_signal = True, stop.signum
                     break
                 if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
                     self.save()

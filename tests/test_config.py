@@ -42,6 +42,8 @@ def test_json_file(tmp_path):
     (["--data.seq_len", "4096"], "data.seq_len: 4096 exceeds model.max_seq_len"),
     (["--optim.betas", "[0.9]"], "optim.betas"),
     (["--data.weights", "[0.5]"], "data.weights"),
+    (["--optim.grad_clip", "-1"], "optim.grad_clip: must be >= 0, got -1"),
+    (["--optim.warmup_steps", "-2"], "optim.warmup_steps: must be >= 0, got -2"),
 ])
 def test_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -53,8 +55,19 @@ def test_bad_files_are_named(tmp_path):
         load_config(TrainConfig, tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2\n")
-    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad.yaml:2:1: not valid YAML: expected ',' or ']'") as e:
         load_config(TrainConfig, bad)
+    assert "\n" not in str(e.value)  # YAML's own text spans lines with a source excerpt
+
+
+def test_out_dir_under_a_file_is_refused_at_load(tmp_path):
+    from mtplm.pretrain.config import check_input_files
+
+    (tmp_path / "f").write_text("")
+    for out_dir in (tmp_path / "f", tmp_path / "f" / "run"):
+        cfg = load_config(TrainConfig, None, ["--train.out_dir", str(out_dir)])
+        with pytest.raises(ConfigError, match=f"train.out_dir: {out_dir}: {tmp_path}/f is a file, not a folder"):
+            check_input_files(cfg, datasets=False)
 
 
 def test_override_parsing():
@@ -183,11 +196,30 @@ def _refusal(tmp_path, *args):
     (["--data.tokenizer", "{tmp}/tok.model"], "data.tokenizer: {tmp}/tok.model is not a file"),
     (["--train.init_from", "{tmp}/model"], "train.init_from: {tmp}/model is not a consolidated model folder"),
     (["--train.resume", "{tmp}/ckpt"], "train.resume: {tmp}/ckpt is not a complete checkpoint"),
+    # from the manifests, not at engine start-up
+    (["--data.datasets", "[{tmp}/small]", "--data.split", "[0.9, 0.1, 0]"],
+     "data.datasets[0]: dataset {tmp}/small: its valid split is empty"),
+    (["--data.datasets", "[{tmp}/wide]"],
+     "data.datasets[0]: {tmp}/wide/dataset.json: tokenized with vocab_size 300, but model.vocab_size is 200"),
+    (["--data.datasets", "[{tmp}/high]"],
+     "data.datasets[0]: {tmp}/high/dataset.json: holds token id 250, but model.vocab_size is 200"),
+    (["--data.tokenizer", "bytes"], "data.datasets[0]: {tmp}/data/dataset.json: tokenized with tokenizer sha256 abab"),
+    (["--data.tokenizer", "{tmp}/text.model"], "data.tokenizer: {tmp}/text.model: not a SentencePiece model"),
 ], ids=["zero7", "no-datasets", "missing-dataset", "folder-without-manifest", "missing-shard", "missing-tokenizer",
-        "missing-init-from", "missing-resume"])
+        "missing-init-from", "missing-resume", "empty-split", "manifest-vocab", "manifest-max-id", "tokenizer-sha256",
+        "tokenizer-not-sentencepiece"])
 def test_refusals_come_before_deepspeed_starts_as_one_line(tmp_path, args, message):
-    for name in ("data.idx", "data.bin", "half.idx"):  # 'data' passes the existence checks; 'half' lacks its .bin
-        (tmp_path / name).write_bytes(b"")
+    from mtplm.data.synthetic import write_token_dataset
+
+    docs = [[1, 2, 3, 4, 5, 6, 7, 8]] * 60  # the default data.split leaves the valid split one document
+    write_token_dataset(tmp_path / "data", docs, vocab_size=200, tokenizer_sha256="ab" * 32)
+    write_token_dataset(tmp_path / "small", docs[:3], vocab_size=200)
+    write_token_dataset(tmp_path / "wide", docs, vocab_size=300)
+    high = write_token_dataset(tmp_path / "high", docs + [[1, 250]], vocab_size=300)
+    for f in high.glob("*.json"):  # a manifest that records no vocabulary, only the ids it holds
+        f.write_text(json.dumps({**json.loads(f.read_text()), "vocab_size": None}))
+    (tmp_path / "half.idx").write_bytes(b"")  # 'half' lacks its .bin
+    (tmp_path / "text.model").write_text("not a tokenizer\n")
     (tmp_path / "folder").mkdir()
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 7}}))
     code, lines = _refusal(tmp_path, "--data.datasets", f"[{tmp_path}/data]", *(a.format(tmp=tmp_path) for a in args))
@@ -195,3 +227,17 @@ def test_refusals_come_before_deepspeed_starts_as_one_line(tmp_path, args, messa
     # one line, the last thing printed: nothing from DeepSpeed before or after it
     assert len(lines) == 1 and lines[0].startswith(f"mtp-train: configuration error: {message.format(tmp=tmp_path)}"), \
         lines
+
+
+def test_a_rerun_into_a_run_with_checkpoints_is_refused(tmp_path):
+    """Without --train.resume, a second mtp-train into the same out_dir would train over the first run's
+    checkpoints from step 0; it is refused instead, before DeepSpeed starts, saying how to continue."""
+    for name in ("data.idx", "data.bin"):
+        (tmp_path / name).write_bytes(b"")
+    done = tmp_path / "run" / "checkpoints" / "step_00000004"
+    done.mkdir(parents=True)
+    (done / "COMPLETE").write_text("")
+    code, lines = _refusal(tmp_path, "--data.datasets", f"[{tmp_path}/data]")
+    assert code == 2, lines
+    assert len(lines) == 1 and "already holds" in lines[0] and "step_00000004" in lines[0] \
+        and "--train.resume auto" in lines[0], lines

@@ -167,3 +167,14 @@ def test_no_scan_when_the_dtype_cannot_hold_an_id_beyond_the_vocabulary(tmp_path
     monkeypatch.setattr(verify, "scan_token_range", lambda ds: pytest.fail("scanned"))
     ds = verify.open_dataset(megatron_prefix(tmp_path / "m", [[65535, 1]]))
     verify.check_token_ids(ds, 65536)
+
+
+def test_a_path_with_the_extension_says_to_pass_the_prefix(tmp_path, capsys):
+    prefix = megatron_prefix(tmp_path / "text_document", DOCS)
+    for ext in (".idx", ".bin"):
+        assert mtp_data(["inspect", f"{prefix}{ext}"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err == (f"mtp-data: dataset {prefix}{ext}: name a .idx/.bin pair by its prefix, without the "
+                       f"extension: {prefix}"), err
+        with pytest.raises(FileNotFoundError, match="by its prefix, without the extension"):
+            build(f"{prefix}{ext}")  # training resolves data.datasets the same way

@@ -44,23 +44,31 @@ def sp_model(tmp_path_factory):
 
 
 # -- one job per folder ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("change, named", [
-    ("sentencepiece", "tokenizer_sha256"),
-    (dict(append_eod=False), "append_eod: True in"),
-    (dict(text_key="content"), "text_key: 'text' in"),
-    (dict(format="text"), "format: 'auto' in"),
-    (dict(max_shard_tokens=7), "max_shard_tokens: 500000000 in"),
+TOKENS, LAYOUT = "refusing to mix tokenizations", "refusing to change its shard layout"
+
+
+@pytest.mark.parametrize("change, named, reason", [
+    ("sentencepiece", "tokenizer_sha256", TOKENS),
+    (dict(append_eod=False), "append_eod: True in", TOKENS),
+    (dict(text_key="content"), "text_key: 'text' in", TOKENS),
+    (dict(format="text"), "format: 'auto' in", TOKENS),
+    # shard size does not change the tokens, but a continued run must write the shards one run would have
+    (dict(max_shard_tokens=7), "max_shard_tokens: 500000000 in", LAYOUT),
+    (dict(max_shard_tokens=7, append_eod=False), "append_eod: True in", TOKENS),
 ])
-def test_rerun_with_other_settings_is_refused_before_writing(tmp_path, sp_model, change, named):
+def test_rerun_with_other_settings_is_refused_before_writing(tmp_path, sp_model, change, named, reason):
     inp = write_jsonl(tmp_path / "a.jsonl", TEXTS[:5])
     write_jsonl(tmp_path / "b.jsonl", TEXTS[5:9])
     out = tmp_path / "out"
     run(out, [inp])
     before = snapshot(out)
     kw = dict(tokenizer=str(sp_model)) if change == "sentencepiece" else change
-    with pytest.raises(PreprocessError, match="refusing to mix tokenizations") as e:
+    with pytest.raises(PreprocessError, match=reason) as e:
         run(out, [inp, tmp_path / "b.jsonl"], **kw)
     assert named in str(e.value) and "in this run" in str(e.value)
+    assert (TOKENS in str(e.value)) == (reason == TOKENS)  # a layout change alone is not called a tokenization
+    if "max_shard_tokens" in change:  # named, whatever else differs
+        assert "max_shard_tokens: 500000000 in" in str(e.value) and "layout" in str(e.value)
     if change == "sentencepiece":  # both tokenizers named
         assert "'bytes' in" not in str(e.value)
         assert load_tokenizer("bytes").sha256 in str(e.value) and load_tokenizer(sp_model).sha256 in str(e.value)

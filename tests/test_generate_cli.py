@@ -1,6 +1,7 @@
 """mtp-generate end to end, and the Hugging Face export's heads speculating exactly like our checkpoint."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -27,6 +28,16 @@ def test_cli_speculative_and_plain_print_the_same_text(tmp_path, capsys):
     plain = capsys.readouterr().out
     assert spec.split("[")[0] == plain.split("[")[0]  # the completions
     assert "speculative, 3 draft heads" in spec and "tokens per forward" in spec and "plain decoding" in plain
+
+
+def test_cli_acceptance_of_draft_positions_never_reached_is_a_dash(tmp_path, capsys):
+    torch.manual_seed(0)
+    save_model(MTPTransformer(tiny_model_config(vocab_size=256)), tmp_path / "m")  # random heads: draft 1 fails
+    assert main([str(tmp_path / "m"), "--prompt", "import os", "--max_new_tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    acc = re.search(r"acceptance per draft position \[(.*?)\]", out).group(1).split()
+    assert len(acc) == 3 and acc[0] != "-" and "-" in acc, out  # positions 2, 3 judged only after 1 is accepted
+    assert "nan" not in out and all(a == "-" or 0 <= float(a) <= 1 for a in acc), out
 
 
 def test_cli_errors(tmp_path, capsys):
@@ -127,3 +138,17 @@ def test_cli_prompt_overflow(tmp_path, capsys, byte_model):
     with pytest.raises(SystemExit, match="2"):
         main(args + ["--prompt-overflow", "cut"])
     assert "prompt_overflow: expected error or truncate-left, got 'cut'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("p.jsonl", "\n  \n", "holds no prompts"),
+    ("p.txt", "", "holds no prompts"),
+    ("missing.jsonl", None, "cannot read {tmp}/missing.jsonl: No such file or directory"),
+])
+def test_empty_or_missing_prompts_file_names_the_file(tmp_path, capsys, byte_model, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    assert main([byte_model[1], "--prompts-file", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and str(path) in err and err.count("\n") == 1

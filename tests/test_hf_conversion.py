@@ -140,6 +140,43 @@ def test_export_from_training_checkpoints(tmp_path):
             assert torch.allclose(a, b, atol=1e-7), f"{run}: {k}"
 
 
+def test_export_from_a_run_whose_tokenizer_moved_names_it_and_takes_tokenizer(tmp_path, capsys, monkeypatch):
+    from mtplm.data.tokenizer import train_sentencepiece
+    from mtplm.conversion import hf_export
+
+    tok = train_sentencepiece(["def f(x):\n    return x\n" * 50], tmp_path / "data" / "tokenizer", 290)
+    save_model(MTPTransformer(tiny_model_config(vocab_size=290)).eval(), tmp_path / "ours")
+    real = hf_export.consolidated_state_dict
+    # a training checkpoint records the config the run read, data.tokenizer among it; the data has since moved
+    monkeypatch.setattr(hf_export, "consolidated_state_dict", lambda src: (*real(src)[:2], {
+        "data": {"tokenizer": str(tmp_path / "data" / "tokenizer.model")}}))
+    tok.rename(tmp_path / "moved.model")
+    assert export_main([str(tmp_path / "ours"), str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"mtp-export-hf: the run's tokenizer {tmp_path}/data/tokenizer.model (its data.tokenizer) is no "
+                   f"longer at that path; pass --tokenizer PATH, the SentencePiece .model the run trained with"), err
+    assert not (tmp_path / "hf").exists()
+    moved = tmp_path / "moved.model"
+    assert export_main([str(tmp_path / "ours"), str(tmp_path / "hf"), "--tokenizer", str(moved)]) == 0
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == moved.read_bytes()
+
+
+def test_import_and_export_check_the_output_folder_before_converting(tmp_path, capsys):
+    """The output is refused before the source is read: a conversion takes minutes on a large model."""
+    (tmp_path / "src").mkdir()  # not a model at all: reading it would fail, so a refusal of it came first
+    (tmp_path / "file").write_text("")
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    for convert, marker in ((import_main, "params.json"), (export_main, "config.json")):
+        assert convert([str(tmp_path / "src"), str(tmp_path / "file")]) == 1
+        assert capsys.readouterr().err.strip().endswith(f"output {tmp_path}/file: is an existing file, not a folder")
+        assert convert([str(tmp_path / "src"), str(tmp_path / "kept")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert f"output {tmp_path}/kept: an existing folder that is not an earlier output of this kind (no {marker})" \
+            in err, err
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
+
+
 def test_bad_inputs_are_named(tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
     assert export_main([str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 1

@@ -146,3 +146,15 @@ def test_save_that_fails_on_one_rank_fails_every_rank_and_keeps_latest(tmp_path)
     assert (out / "checkpoints" / LATEST).read_text().strip() == "step_00000002"
     assert not (blocked.parent / COMPLETE).exists()
     assert metrics(out).keys() == {1, 2, 3, 4}
+
+
+def test_exit_status_after_a_requested_stop():
+    """Ctrl-C ends like an interrupted shell command (130); SIGTERM and Slurm's warning signal end with 143, on
+    which launch/slurm_train.sh requeues; a rank stopped by another rank's signal too."""
+    from mtplm.pretrain.train import exit_status
+    from mtplm.pretrain.trainer import TrainResult
+
+    assert exit_status(TrainResult(step=3)) == 0
+    assert exit_status(TrainResult(step=3, stopped_by_signal=True, stop_signal=signal.SIGINT)) == 130
+    for sig in (signal.SIGTERM, signal.SIGUSR1, None):
+        assert exit_status(TrainResult(step=3, stopped_by_signal=True, stop_signal=sig)) == 143

@@ -1,5 +1,5 @@
 """The real trainer on real data (data.datasets, DataLoader workers) or the synthetic stream, signalled the way a
-cluster signals a job; exits 143 after a requested stop, as mtp-train does.
+cluster signals a job; exits as mtp-train does after a requested stop (143 after SIGTERM).
 
     python tests/workers/train_signalled.py [--group_sigterm_after_step K] --section.key value ...
 
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from train_synthetic import SyntheticLoader, pop_flag
 
 from mtplm.pretrain.distributed import init_distributed
-from mtplm.pretrain.train import parse_args
+from mtplm.pretrain.train import exit_status, parse_args
 from mtplm.pretrain.trainer import Trainer
 
 
@@ -45,7 +45,7 @@ def main():
         Path(cfg.train.out_dir, "train_log.json").write_text(json.dumps({"train": result.train_log,
                                                                           "step": result.step}))
     dist.barrier()
-    sys.exit(143 if result.stopped_by_signal else 0)
+    sys.exit(exit_status(result))
 
 
 if __name__ == "__main__":
