@@ -107,23 +107,23 @@ class MTPLoss:
         (validation's draft acceptance: one argmax per head per token over logits the loss computes anyway). The
         logits must hold the whole vocabulary: not with tensor parallelism, whose logits are vocabulary shards."""
         cfg = heads.cfg
+        if self.impl == "naive":
+            return self.naive(heads, self.logits(heads, h, rope, cfg.n_future_tokens), labels, argmax_out)
         targets = head_targets(labels, h.shape[1], cfg.n_future_tokens, cfg.ignore_index)
-        if self.impl == "sequential":
-            return _SequentialHeads.apply(h, heads, self, rope, targets, float(grad_scale), torch.is_grad_enabled(),
-                                          argmax_out)
-        padded_logits = self.logits(heads, h, rope, cfg.n_future_tokens)
-        if argmax_out is not None:
-            argmax_out.copy_(padded_logits[..., : cfg.vocab_size].argmax(-1))
-        return self.naive(heads, padded_logits, targets)
+        return _SequentialHeads.apply(h, heads, self, rope, targets, float(grad_scale), torch.is_grad_enabled(),
+                                      argmax_out)
 
     @staticmethod
     def logits(heads: LossHeads, h, rope, n: int) -> torch.Tensor:
         """(n, B, T, padded V) logits of heads 1..n on the trunk output h, all at once (the naive path)."""
         return torch.stack([heads.output(heads.norm(heads.head_forward(k, h, rope))) for k in range(n)])
 
-    def naive(self, heads: LossHeads, padded_logits: torch.Tensor, targets: torch.Tensor):
-        """padded_logits (n, B, T, padded V), targets (n, B, T) -> (weighted total, per-head mean losses)."""
+    def naive(self, heads: LossHeads, padded_logits: torch.Tensor, labels: torch.Tensor, argmax_out=None):
+        """padded_logits (n, B, T, padded V) and labels as in __call__ -> (weighted total, per-head mean losses)."""
         cfg = heads.cfg
+        targets = head_targets(labels, padded_logits.shape[2], cfg.n_future_tokens, cfg.ignore_index)
+        if argmax_out is not None:
+            argmax_out.copy_(padded_logits[..., : cfg.vocab_size].argmax(-1))
         head_losses = []
         total = padded_logits.new_zeros((), dtype=torch.float32)
         for k in range(padded_logits.shape[0]):

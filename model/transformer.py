@@ -22,7 +22,7 @@ from torch import nn
 from .config import ModelConfig
 from torch.utils.checkpoint import checkpoint
 
-from .mtp_loss import MTPLoss, head_targets
+from .mtp_loss import MTPLoss
 
 
 class RMSNorm(nn.Module):
@@ -313,10 +313,7 @@ class MTPTransformer(nn.Module):
 
         padded_logits = self.loss.logits(self, h, rope, n_heads)
         if labels is not None:
-            targets = head_targets(labels, T, self.n_future_tokens, self.cfg.ignore_index)
-            out.loss, out.head_losses = self.loss.naive(self, padded_logits, targets)
-            if out.head_argmax is not None:
-                out.head_argmax.copy_(padded_logits[..., : self.cfg.vocab_size].argmax(-1))
+            out.loss, out.head_losses = self.loss.naive(self, padded_logits, labels, out.head_argmax)
         if return_logits:
             logits = padded_logits[..., : self.cfg.vocab_size]
             out.logits = logits if all_heads else logits[0]
