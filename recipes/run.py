@@ -32,6 +32,9 @@ from . import induction, polynomial
 from .presets import PRESETS, Preset
 
 VOCAB = 256  # byte-level tokens (mtp-preprocess --tokenizer bytes)
+# The context a model is built for: room for the longest test prompt (an m = 10 polynomial is < 200 bytes) and
+# its answer, even when a preset trains on shorter samples (rotary positions have no learned table).
+MIN_CONTEXT = 256
 
 
 class RecipeError(RuntimeError):
@@ -88,7 +91,7 @@ def prepare_data(recipe: str, preset: Preset, out: Path, data_seed: int) -> Path
 def model_config(preset: Preset, size: str, n: int) -> ModelConfig:
     s = preset.sizes[size]
     return ModelConfig(dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], vocab_size=VOCAB, multiple_of=16,
-                       n_future_tokens=n, max_seq_len=preset.seq_len)
+                       n_future_tokens=n, max_seq_len=max(preset.seq_len, MIN_CONTEXT))
 
 
 def train_config(preset: Preset, mcfg: ModelConfig, seed: int, tokens: Path, folder: Path) -> dict:
@@ -136,20 +139,26 @@ def consumed_tokens(folder: Path) -> dict[int, int]:
 
 
 def mtp_eval(folder: Path, cfg: dict, preset: Preset, tasks: Path | None) -> dict:
-    """mtp-eval on the final model: per-head loss on the validation split, and the task file if given."""
+    """mtp-eval on the final model: per-head loss on (the first valid_samples of) the validation split, and
+    every record of the task file if given (a second call: mtp-eval's --limit would cut both)."""
     from mtplm.inference.evaluate import parse_args, run
 
-    path = folder / "eval.json"
-    if not path.is_file():
-        d = cfg["data"]
-        argv = [str(folder / "final"), "--data", d["datasets"][0], "--split", "valid", "--limit",
-                str(preset.valid_samples), "--seq-len", str(d["seq_len"]), "--data-split", *map(str, d["split"]),
-                "--data-seed", str(d["seed"]), "--tokenizer", "bytes", "--batch-size", str(preset.eval_batch_size),
-                "--output", str(path), "--no-progress"]
-        if tasks is not None:  # the answer is 5 digits; the model ends it with the end-of-document token
-            argv += ["--tasks", str(tasks), "--max-new-tokens", str(polynomial.D)]
-        run(parse_args(argv), argv)
-    return json.loads(path.read_text())
+    d = cfg["data"]
+    common = [str(folder / "final"), "--tokenizer", "bytes", "--batch-size", str(preset.eval_batch_size),
+              "--no-progress"]
+    calls = {"eval_loss.json": ["--data", d["datasets"][0], "--split", "valid", "--limit", str(preset.valid_samples),
+                                "--seq-len", str(d["seq_len"]), "--data-split", *map(str, d["split"]),
+                                "--data-seed", str(d["seed"])]}
+    if tasks is not None:  # the answer is 5 digits; the model ends it with the end-of-document token
+        calls["eval_tasks.json"] = ["--tasks", str(tasks), "--max-new-tokens", str(polynomial.D)]
+    result = {}
+    for name, argv in calls.items():
+        path = folder / name
+        if not path.is_file():
+            argv = common + argv + ["--output", str(path)]
+            run(parse_args(argv), argv)
+        result.update(json.loads(path.read_text()))
+    return result
 
 
 def induction_curve(folder: Path, preset: Preset, test: Path) -> list[dict]:
