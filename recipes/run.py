@@ -95,7 +95,8 @@ def model_config(preset: Preset, size: str, n: int) -> ModelConfig:
 
 
 def train_config(preset: Preset, mcfg: ModelConfig, seed: int, tokens: Path, folder: Path) -> dict:
-    save_every = max(1, preset.steps // preset.eval_points)
+    # Checkpoints at the evaluated points (induction's curve), else four per run, so an interrupted run resumes.
+    save_every = max(1, preset.steps // (preset.eval_points if preset.eval_points > 1 else 4))
     return {
         "model": {k: getattr(mcfg, k) for k in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of",
                                                 "n_future_tokens", "max_seq_len")},
