@@ -88,9 +88,23 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * 60)
     log(f"{stats.tokens_per_forward:.2f} tokens per forward; draft acceptance by position: "
         + " ".join(f"{a:.2f}" for a in stats.acceptance))
+    write_plots(out_dir, cfg.train.metrics_file, log)
     log(f"next: mtp-generate {out_dir / 'final'} --prompt 'def main(' ; mtp-export-hf {out_dir / 'checkpoints'} "
         f"{out_dir / 'hf'}")
     return 0
+
+
+def write_plots(out_dir: Path, metrics_file: str, log) -> None:
+    """The run's loss, learning-rate, throughput and acceptance plots (mtp-plot's), when matplotlib is there."""
+    from mtplm.pretrain.plot import PLOT_EXTRA, Run, plot_runs, read_metrics
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log(f"no plots: {PLOT_EXTRA}")
+        return
+    paths = plot_runs([Run("demo", *read_metrics(out_dir, metrics_file))], out_dir / "plots")
+    log("plots: " + " ".join(str(p) for p in paths))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+"""mtp-recipe end to end at the tiny preset: generation, mtp-preprocess, mtp-train (n = 1, 2), mtp-eval, table
+and plot; a re-run retrains and re-evaluates nothing. Which n wins is not asserted (a handful of steps)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dist_launch import REPO
+
+
+def recipe(*args):
+    return subprocess.run([sys.executable, "-m", "mtplm.recipes.run", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize("name, groups", [("polynomial", [str(m) for m in range(1, 11)]), ("induction", None)])
+def test_recipe_tiny_end_to_end(tmp_path, name, groups):
+    out = tmp_path / name
+    proc = recipe(name, "--preset", "tiny", "--out", str(out), "--seeds", "1", "--n", "1", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "3 trunk blocks + 1 head blocks" in proc.stdout and "2 trunk blocks + 2 head blocks" in proc.stdout
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["n"], r["seed"]) for r in rows] == [(1, 1), (2, 1)]
+    assert rows[0]["parameters"] == rows[1]["parameters"] > 0  # parameter-matched
+    assert [len(r["val_head_losses"]) for r in rows] == [1, 2]
+    assert all(r["tokens_seen"] == 4 * 4 * 64 for r in rows)  # steps x micro-batch x seq_len
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1
+        if groups:
+            assert sorted(r["accuracy_by"], key=int) == groups
+        else:
+            assert [p["step"] for p in r["curve"]] == [2, 4] and r["curve"][-1]["positions"] > 0
+    table = (out / "results.md").read_text()
+    assert "| 1 | 1 |" in table and "| 2 | 1 |" in table
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    evals = {p: p.stat().st_mtime_ns for p in out.glob("models/*/*eval.json")}
+    again = recipe(name, "--preset", "tiny", "--out", str(out), "--seeds", "1", "--n", "1", "2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("trained already") == 2
+    assert {p: p.stat().st_mtime_ns for p in out.glob("models/*/*eval.json")} == evals
+
+    other = recipe(name, "--preset", "quick", "--out", str(out))
+    assert other.returncode == 1 and "holds another run" in other.stderr and "preset" in other.stderr
