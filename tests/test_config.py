@@ -232,8 +232,9 @@ def test_refusals_come_before_deepspeed_starts_as_one_line(tmp_path, args, messa
 def test_a_rerun_into_a_run_with_checkpoints_is_refused(tmp_path):
     """Without --train.resume, a second mtp-train into the same out_dir would train over the first run's
     checkpoints from step 0; it is refused instead, before DeepSpeed starts, saying how to continue."""
-    for name in ("data.idx", "data.bin"):
-        (tmp_path / name).write_bytes(b"")
+    from mtplm.data.synthetic import write_token_dataset
+
+    write_token_dataset(tmp_path / "data", [[1, 2, 3, 4, 5, 6, 7, 8]] * 60, vocab_size=200)
     done = tmp_path / "run" / "checkpoints" / "step_00000004"
     done.mkdir(parents=True)
     (done / "COMPLETE").write_text("")

@@ -58,6 +58,7 @@ def test_validation_logs_teacher_forced_acceptance(tmp_path, layout):
     args = ["--config", "configs/tiny.yaml", "--model.vocab_size", "200", "--data.seq_len", "32",
             "--train.steps", "30", "--train.eval_interval", "30", "--train.eval_iters", "2",
             "--train.out_dir", str(out), "--deepspeed_config", str(tmp_path / "ds.json")]
+    cfg = parse_args(args)  # before the run: afterwards its checkpoints would make this a refused re-run
     if layout == "pipeline":
         run_ranks(2, ["tests/workers/train_synthetic.py", *args, "--parallel.pipeline", "2"], timeout=600)
     else:
@@ -66,7 +67,6 @@ def test_validation_logs_teacher_forced_acceptance(tmp_path, layout):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     logged = json.loads((out / "train_log.json").read_text())["eval"][-1]
 
-    cfg = parse_args(args)
     n, seq_len = cfg.model.n_future_tokens, cfg.data.seq_len
     model = load_model(out / "final").eval()
     valid = iter(SyntheticLoader(cfg, 0, 1, n, 10**6))
