@@ -113,11 +113,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         if not f.is_file():
             raise FileNotFoundError(f"{f}: missing; expected a folder written by save_model ({PARAMS_FILE}, {WEIGHTS_FILE})")
     cfg = model_config_from_json(json.loads(params.read_text()), str(params))
+    try:
+        model = model_from_state_dict(cfg, load_file(str(weights)), **model_kwargs)
+    except ValueError as e:
+        raise ValueError(f"{weights}: does not match {params}: {e}") from None
+    return model.to(device=device, dtype=dtype) if dtype else model.to(device)
+
+
+def model_from_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], **model_kwargs) -> MTPTransformer:
+    """The model with exactly these weights (Meta's names; a tied unembedding may be left out)."""
     model = MTPTransformer(cfg, **model_kwargs)
-    sd = load_file(str(weights))
     if cfg.tie_embeddings:
         sd.setdefault("output.weight", sd["tok_embeddings.weight"])
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{weights}: does not match {params}: missing {missing}, unexpected {unexpected}")
-    return model.to(device=device, dtype=dtype) if dtype else model.to(device)
+        raise ValueError(f"missing {missing}, unexpected {unexpected}")
+    return model

@@ -66,13 +66,19 @@ class TrainLoopConfig:
     save_final: bool = True
     deepspeed_config: str | None = None  # JSON; also accepted as --deepspeed_config (the launcher's spelling)
     metrics_file: str = "metrics.jsonl"  # in out_dir, rank 0 only
+    # Task accuracy during training (mtp-eval --tasks' JSONL files), greedy, on rank 0, every eval_tasks_interval
+    # steps (0: at every validation) and at the last step; needs data.tokenizer.
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_interval: int = 0
+    eval_tasks_max_new_tokens: int = 64
     peak_tflops: float = 0.0  # accelerator peak for MFU; 0 looks the GPU up in a table
 
     def validate(self) -> None:
         for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval", "activation_checkpoint_interval"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("ce_chunk_tokens", "eval_interval", "eval_iters", "save_interval", "keep_last"):
+        for key in ("ce_chunk_tokens", "eval_interval", "eval_iters", "save_interval", "keep_last",
+                    "eval_tasks_interval", "eval_tasks_max_new_tokens"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         if self.loss_impl not in ("sequential", "naive"):
@@ -151,6 +157,7 @@ def check_input_files(cfg: TrainConfig, datasets: bool = True) -> None:
     """What needs no process group is checked when the config loads, before DeepSpeed starts: the files the run
     reads exist. `datasets`: the run reads cfg.data (not when a caller brings its own loaders)."""
     from mtplm.data.loader import check_dataset
+    from mtplm.inference.task_eval import read_tasks
     from mtplm.data.manifest import resolve_shards
     from mtplm.data.tokenizer import BYTE_TOKENIZER, load_tokenizer
     from mtplm.model.weights import PARAMS_FILE, WEIGHTS_FILE
@@ -196,6 +203,13 @@ def check_input_files(cfg: TrainConfig, datasets: bool = True) -> None:
         resolve_resume(t.resume, t.out_dir)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
+    if t.eval_tasks and not d.tokenizer:
+        raise ConfigError("train.eval_tasks: needs data.tokenizer (the prompts and answers are text)")
+    for k, path in enumerate(t.eval_tasks):
+        try:
+            read_tasks(path)
+        except ValueError as e:
+            raise ConfigError(f"train.eval_tasks[{k}]: {e}") from None
     # A re-run of the same command must not silently train over a run's checkpoints from step 0.
     done = complete_tags(checkpoint_dir(out)) if t.resume == "none" and checkpoint_dir(out).is_dir() else []
     if done:

@@ -97,6 +97,8 @@ class MetricsLogger:
                                          + " ".join(f"{x:.2f}" for x in metrics["head_losses"]))
             if echo:
                 self.info(format_metrics(step, self.total_steps, metrics))
+        elif kind == "tasks":
+            self.info(f"tasks step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         else:
             heads = " ".join(f"{x:.3f}" for x in metrics["head_losses"])
             line = f"{kind} step {step} | loss {metrics['loss']:.4f} | heads [{heads}]"

@@ -39,6 +39,7 @@ def read_metrics(run_dir: Path, metrics_file: str = "metrics.jsonl") -> tuple[li
     if not text.endswith("\n"):
         lines = lines[:-1]
     records = {"train": [], "valid": []}
+    known = ("train", "valid", "tasks")  # task accuracies (train.eval_tasks) are not plotted
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -47,8 +48,10 @@ def read_metrics(run_dir: Path, metrics_file: str = "metrics.jsonl") -> tuple[li
         except ValueError:
             raise MetricsError(f"{path}:{i}: not a JSON record") from None
         kind = rec.get("kind") if isinstance(rec, dict) else None
+        if kind not in known:
+            raise MetricsError(f"{path}:{i}: expected an object with \"kind\" \"train\", \"valid\" or \"tasks\"")
         if kind not in records:
-            raise MetricsError(f"{path}:{i}: expected an object with \"kind\" \"train\" or \"valid\"")
+            continue
         for key in TRAIN_FIELDS if kind == "train" else VALID_FIELDS:
             if key not in rec:
                 raise MetricsError(f"{path}:{i}: the {kind} record has no \"{key}\"")

@@ -27,12 +27,14 @@ from .metrics_log import MetricsLogger
 from .parallel_layout import build_layout, check_world_size
 from .preemption import StopSignal
 from .run_info import peak_flops, startup_lines
+from .task_accuracy import TaskAccuracy
 
 @dataclass
 class TrainResult:
     step: int
     train_log: list[dict] = field(default_factory=list)  # one record per optimizer step (rank 0's view)
     eval_log: list[dict] = field(default_factory=list)
+    task_log: list[dict] = field(default_factory=list)  # train.eval_tasks' accuracies
     stopped_by_signal: bool = False
     stop_signal: int | None = None  # the signal this rank received (None: another rank's stop was agreed)
 
@@ -85,6 +87,8 @@ class Trainer:
             self.logger.info(f"resumed from {resume_from} at step {self.step} "
                              f"({self.consumed_samples} samples consumed)")
         self.logger.start_at(self.step)  # records past the checkpoint belong to the run being replaced
+        self.task_accuracy = TaskAccuracy(cfg, self.steps, self.layout.tensor.rank == 0 and self.layout.dp_rank == 0,
+                                          self.dist.rank == 0)
         build = data_loaders or self._build_loaders
         self.train_loader, self.valid_loader = build(self.consumed_samples, self.layout.dp_rank, self.dp_world)
         self._describe()
@@ -192,6 +196,12 @@ class Trainer:
                         result.eval_log.append({"step": self.step, **ev})
                         self.logger.write(self.step, "valid", ev, echo=True)
                     last_time = time.perf_counter()  # evaluation is not training throughput
+                if self.task_accuracy.due(self.step):
+                    tasks = self.task_accuracy.evaluate()
+                    if self.dist.rank == 0:
+                        result.task_log.append({"step": self.step, **tasks})
+                    self.logger.write(self.step, "tasks", tasks, echo=True)
+                    last_time = time.perf_counter()
                 if stop.agreed(self.engine.device):
                     self.logger.info(f"stop requested ({stop.name}); checkpointing at step {self.step}")
                     self.save()
