@@ -18,7 +18,6 @@ max_seq_len tokens, prompt included, and is marked as stopped at the context lim
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from mtplm.config import ConfigError, config_error_exit, from_dict, parse_overri
 from mtplm.data.console import quiet_on_closed_stdout
 
 from .speculative import PROMPT_OVERFLOW, MTPGenerator, fit_prompt
+from .task_eval import read_jsonl_objects, read_lines, require_str
 
 
 @dataclass
@@ -58,33 +58,15 @@ class GenerateConfig:
 
 
 def read_prompts(path: str) -> list[tuple[str, str]]:
-    """(file:line, prompt) for each prompt of a prompts file; blank lines are skipped. Raises ValueError naming
-    the file and line of anything else that is not a prompt."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ValueError(f"prompts_file: cannot read {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"prompts_file: cannot read {path}: {e}") from None
-    numbered = [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
+    """(file:line, prompt) for each prompt of a prompts file: a .jsonl file holds one {"prompt": ...} object per
+    line, any other file one prompt per line, verbatim; blank lines are skipped. Raises ValueError naming the
+    file and line of anything else."""
+    if path.endswith(".jsonl"):
+        return [(where, require_str(where, obj, "prompt")) for where, obj in read_jsonl_objects(path, "prompts")]
+    numbered = [(f"{path}:{n}", line) for n, line in enumerate(read_lines(path, "prompts"), 1) if line.strip()]
     if not numbered:  # otherwise reported as if no prompts file had been given
-        raise ValueError(f"prompts_file: {path} holds no prompts (it is empty or blank)")
-    if not path.endswith(".jsonl"):
-        return numbered
-    prompts = []
-    for where, line in numbered:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not a JSON object ({e}); a .jsonl prompts file holds one "
-                             f'{{"prompt": "..."}} per line') from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            got = (f"a JSON {type(record).__name__}, not an object" if not isinstance(record, dict) else
-                   type(record["prompt"]).__name__ if "prompt" in record else
-                   f"no such field (keys: {', '.join(record) or 'none'})")
-            raise ValueError(f'{where}: field "prompt": expected a string, got {got}')
-        prompts.append((where, record["prompt"]))
-    return prompts
+        raise ValueError(f"{path}: holds no records (it is empty or blank)")
+    return numbered
 
 
 def load_any(path: Path):

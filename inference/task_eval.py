@@ -29,16 +29,19 @@ class TaskRecord:
     groups: dict[str, str] = field(default_factory=dict)
 
 
-def read_jsonl_objects(path: str | Path, what: str) -> list[tuple[str, dict]]:
-    """(file:line, object) for each non-blank line; ValueError naming the file and line of anything else."""
+def read_lines(path: str | Path, what: str) -> list[str]:
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        return Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise ValueError(f"{path}: cannot read the {what} file ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def read_jsonl_objects(path: str | Path, what: str) -> list[tuple[str, dict]]:
+    """(file:line, object) for each non-blank line; ValueError naming the file and line of anything else."""
     out = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(read_lines(path, what), 1):
         if not line.strip():
             continue
         try:

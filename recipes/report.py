@@ -65,8 +65,12 @@ def plot_by_difficulty(rows: list[dict], path: Path, difficulty: str, title: str
         ax.plot(x, [s[0] for s in stats], marker="o", label=f"{size} n={n} ({len(rs)} seeds)")
         ax.fill_between(x, [s[1] for s in stats], [s[2] for s in stats], alpha=0.15)
         ax.set_xticks(x, groups)
-    ax.set_xlabel(difficulty)
-    ax.set_ylabel("exact-match accuracy")
+    _finish(plt, fig, ax, difficulty, "exact-match accuracy", title, path)
+
+
+def _finish(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -88,11 +92,4 @@ def plot_by_tokens(rows: list[dict], path: Path, title: str) -> None:
         stats = [_mean_spread(points[x]) for x in xs]
         ax.plot(xs, [s[0] for s in stats], marker="o", label=f"{size} n={n}")
         ax.fill_between(xs, [s[1] for s in stats], [s[2] for s in stats], alpha=0.15)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("accuracy on a name's second token")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    _finish(plt, fig, ax, "training tokens", "accuracy on a name's second token", title, path)

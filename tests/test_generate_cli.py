@@ -98,9 +98,9 @@ def test_prompts_files_jsonl_and_plain_text(tmp_path, capsys, byte_model):
 
 @pytest.mark.parametrize("line, message", [
     ('{"prompt": "a"', "p.jsonl:2: not a JSON object (Expecting ',' delimiter"),
-    ('{"text": "a"}', 'p.jsonl:2: field "prompt": expected a string, got no such field (keys: text)'),
+    ('{"text": "a"}', 'p.jsonl:2: field "prompt" is missing (keys: text)'),
     ('{"prompt": 3}', 'p.jsonl:2: field "prompt": expected a string, got int'),
-    ('["a"]', 'p.jsonl:2: field "prompt": expected a string, got a JSON list, not an object'),
+    ('["a"]', 'p.jsonl:2: expected a JSON object, got a JSON list'),
 ])
 def test_bad_jsonl_prompt_line_names_file_line_and_field(tmp_path, capsys, byte_model, line, message):
     path = tmp_path / "p.jsonl"
@@ -141,9 +141,9 @@ def test_cli_prompt_overflow(tmp_path, capsys, byte_model):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("p.jsonl", "\n  \n", "holds no prompts"),
-    ("p.txt", "", "holds no prompts"),
-    ("missing.jsonl", None, "cannot read {tmp}/missing.jsonl: No such file or directory"),
+    ("p.jsonl", "\n  \n", "holds no records"),
+    ("p.txt", "", "holds no records"),
+    ("missing.jsonl", None, "{tmp}/missing.jsonl: cannot read the prompts file (No such file or directory)"),
 ])
 def test_empty_or_missing_prompts_file_names_the_file(tmp_path, capsys, byte_model, name, content, message):
     path = tmp_path / name
