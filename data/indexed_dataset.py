@@ -47,6 +47,17 @@ def bin_path(prefix) -> Path:
     return Path(f"{prefix}.bin")
 
 
+CHUNK = 16 << 20  # bytes per read or index step of a scan or a merge: memory bounded whatever the data size
+
+
+def _write_header(f, dtype: np.dtype, n_seq: int, n_doc_idx: int) -> None:
+    f.write(MAGIC)
+    f.write(struct.pack("<Q", VERSION))
+    f.write(struct.pack("<B", CODES[np.dtype(dtype)]))
+    f.write(struct.pack("<Q", n_seq))
+    f.write(struct.pack("<Q", n_doc_idx))
+
+
 def write_index(path: Path, dtype: np.dtype, lengths: np.ndarray, doc_indices: np.ndarray | None = None) -> None:
     lengths = np.asarray(lengths, dtype=np.int32)
     pointers = np.zeros(len(lengths), dtype=np.int64)
@@ -55,14 +66,72 @@ def write_index(path: Path, dtype: np.dtype, lengths: np.ndarray, doc_indices: n
     if doc_indices is None:
         doc_indices = np.arange(len(lengths) + 1, dtype=np.int64)
     with open(path, "wb") as f:
-        f.write(MAGIC)
-        f.write(struct.pack("<Q", VERSION))
-        f.write(struct.pack("<B", CODES[np.dtype(dtype)]))
-        f.write(struct.pack("<Q", len(lengths)))
-        f.write(struct.pack("<Q", len(doc_indices)))
+        _write_header(f, dtype, len(lengths), len(doc_indices))
         f.write(lengths.tobytes(order="C"))
         f.write(pointers.tobytes(order="C"))
         f.write(np.asarray(doc_indices, dtype=np.int64).tobytes(order="C"))
+
+
+def _spans(n: int, itemsize: int):
+    step = max(1, CHUNK // itemsize)
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+def copy_tokens(shards: list[IndexedDataset], out) -> int:
+    """Append each shard's tokens to the open file `out`, exactly the bytes its index describes, one CHUNK at a
+    time (never a whole shard in memory). Returns the bytes written."""
+    total = 0
+    for s in shards:
+        want, done = s.n_tokens * s.dtype.itemsize, 0
+        with open(bin_path(s.prefix), "rb") as src:
+            while done < want:
+                block = src.read(min(CHUNK, want - done))
+                if not block:
+                    raise DatasetFormatError(f"{bin_path(s.prefix)}: ended after {done} bytes, but "
+                                             f"{idx_path(s.prefix)} describes {want} (the file changed after it "
+                                             f"was opened)")
+                out.write(block)
+                done += len(block)
+        total += want
+    return total
+
+
+def write_concatenated_index(path: Path, shards: list[IndexedDataset]) -> tuple[int, int, int]:
+    """The index megatron-core's IndexedDatasetBuilder.add_index writes for `shards` in order (sequence lengths,
+    pointers and document indices shifted past the shards before), streamed from the memory-mapped inputs one
+    CHUNK at a time. Returns the (sequences, documents, tokens) it describes."""
+    dtype = shards[0].dtype
+    n_seq = sum(len(s.lengths) for s in shards)
+    n_doc = sum(len(s.doc_indices) - 1 for s in shards)
+    n_tokens = 0
+    with open(path, "wb") as f:
+        _write_header(f, dtype, n_seq, n_doc + 1)
+        for s in shards:
+            for a, b in _spans(len(s.lengths), 4):
+                part = s.lengths[a:b]
+                n_tokens += int(part.sum(dtype=np.int64))
+                f.write(part.tobytes())
+        offset = 0
+        for s in shards:  # back to back (IndexedDataset checks it), so shifting equals recomputing from lengths
+            for a, b in _spans(len(s.pointers), 8):
+                f.write((s.pointers[a:b] + offset).tobytes())
+            offset += s.n_tokens * dtype.itemsize
+        f.write(np.zeros(1, np.int64).tobytes())
+        base = 0
+        for s in shards:
+            for a, b in _spans(len(s.doc_indices) - 1, 8):
+                f.write((s.doc_indices[a + 1:b + 1] + base).tobytes())
+            base += len(s.lengths)
+    return n_seq, n_doc, n_tokens
+
+
+def read_counts(prefix_idx: Path, prefix_bin: Path, dtype: np.dtype) -> tuple[int, int, int]:
+    """(sequences, documents, tokens) as a written pair's header and .bin size state them."""
+    with open(prefix_idx, "rb") as f:
+        header = f.read(_HEADER)
+    n_seq, n_doc_idx = struct.unpack_from("<QQ", header, len(MAGIC) + 9)
+    return n_seq, n_doc_idx - 1, prefix_bin.stat().st_size // np.dtype(dtype).itemsize
 
 
 class IndexedDatasetWriter:
@@ -160,23 +229,29 @@ class IndexedDataset:
 
     def _check_index(self, ip: Path, bp: Path, n_seq: int) -> int:
         """Every reader trusts lengths, pointers and document indices; a damaged index must fail here, once,
-        vectorised, never later as an out-of-bounds read or a silently different document."""
-        if (self.lengths < 0).any():
-            k = int(np.argmax(self.lengths < 0))
-            raise DatasetFormatError(f"{ip}: sequence {k} has negative length {int(self.lengths[k])}")
-        ends = np.cumsum(self.lengths, dtype=np.int64) * self.dtype.itemsize
-        starts = np.concatenate([np.zeros(1, np.int64), ends[:-1]])
-        bad = np.flatnonzero(self.pointers != starts)
-        if len(bad):  # every writer (Megatron's, GPT-NeoX's, ours) lays sequences back to back
-            k = int(bad[0])
-            raise DatasetFormatError(f"{ip}: sequence {k} points to byte {int(self.pointers[k])}, but the "
-                                     f"lengths before it end at byte {int(starts[k])}")
+        vectorised one CHUNK at a time (bounded memory whatever the index size), never later as an out-of-bounds
+        read or a silently different document."""
+        end = 0  # byte where the sequences so far end
+        for a, b in _spans(n_seq, 8):
+            lengths = self.lengths[a:b]
+            if (lengths < 0).any():
+                k = a + int(np.argmax(lengths < 0))
+                raise DatasetFormatError(f"{ip}: sequence {k} has negative length {int(self.lengths[k])}")
+            ends = end + np.cumsum(lengths, dtype=np.int64) * self.dtype.itemsize
+            starts = np.concatenate([np.full(1, end, np.int64), ends[:-1]])
+            bad = np.flatnonzero(self.pointers[a:b] != starts)
+            if len(bad):  # every writer (Megatron's, GPT-NeoX's, ours) lays sequences back to back
+                k = int(bad[0])
+                raise DatasetFormatError(f"{ip}: sequence {a + k} points to byte {int(self.pointers[a + k])}, but "
+                                         f"the lengths before it end at byte {int(starts[k])}")
+            end = int(ends[-1])
         d = self.doc_indices
-        if len(d) == 0 or d[0] != 0 or d[-1] != n_seq or (np.diff(d) < 0).any():
+        falls = any((np.diff(d[a:b + 1]) < 0).any() for a, b in _spans(len(d), 8))
+        if len(d) == 0 or d[0] != 0 or d[-1] != n_seq or falls:
             got = f"{len(d)} values" + (f" from {d[0]} to {d[-1]}" if len(d) else "")
             raise DatasetFormatError(f"{ip}: document indices must rise from 0 to the sequence count {n_seq} "
                                      f"without going back; got {got}")
-        n_bytes = int(ends[-1]) if n_seq else 0
+        n_bytes = end
         bin_size = bp.stat().st_size
         if bin_size != n_bytes:
             n_tokens = n_bytes // self.dtype.itemsize

@@ -7,14 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from .console import quiet_on_closed_stdout
-from .indexed_dataset import bin_path, idx_path, write_index
+from .indexed_dataset import bin_path, copy_tokens, idx_path, read_counts, write_concatenated_index
 from .manifest import TOOL_VERSION, write_json_atomic
 from .tokenizer import load_tokenizer
 from .verify import open_dataset, shard_id_bounds
@@ -59,7 +58,10 @@ def inspect(spec: str, decode: int, tokenizer: str | None, vocab_size: int | Non
 
 
 def merge(out: str, specs: list[str]) -> Path:
-    """Concatenate every shard of the given datasets into one .idx/.bin pair (out is a prefix)."""
+    """Concatenate every shard of the given datasets into one .idx/.bin pair (out is a prefix): the bytes
+    megatron-core's IndexedDatasetBuilder.add_index writes, streamed one CHUNK at a time so that memory stays
+    bounded whatever the inputs' size; the written counts are checked against the inputs' before the pair is
+    renamed into place."""
     opened = [open_dataset(spec) for spec in specs]
     prefixes = [p for d in opened for p in d.prefixes]
     manifests = [d.manifest for d in opened if d.manifest]
@@ -73,20 +75,22 @@ def merge(out: str, specs: list[str]) -> Path:
         raise ValueError("cannot merge datasets made with different tokenizers: "
                          + ", ".join(f"{spec} has tokenizer_sha256 {h[:16]}" for spec, h in hashes.items()))
     dtype = dtypes.pop()
+    max_token_id = max(hi for d in opened for _, _, hi in shard_id_bounds(d))
+    expected = (sum(len(s.lengths) for s in shards), sum(d.n_documents for d in opened),
+                sum(d.n_tokens for d in opened))
     out_prefix = Path(out)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_bin = out_prefix.with_name(out_prefix.name + ".bin.tmp")
     tmp_idx = out_prefix.with_name(out_prefix.name + ".idx.tmp")
-    lengths, doc_idx, base = [], [0], 0
     try:
         with open(tmp_bin, "wb") as f:
-            for s in shards:
-                with open(bin_path(s.prefix), "rb") as src:
-                    shutil.copyfileobj(src, f, 16 << 20)
-                lengths.append(np.asarray(s.lengths))
-                doc_idx.extend(int(x) + base for x in s.doc_indices[1:])
-                base += len(s.lengths)
-        write_index(tmp_idx, dtype, np.concatenate(lengths), np.asarray(doc_idx, dtype=np.int64))
+            copy_tokens(shards, f)
+        indexed = write_concatenated_index(tmp_idx, shards)
+        for what, counts in (("index describes", indexed), ("files hold", read_counts(tmp_idx, tmp_bin, dtype))):
+            if counts != expected:
+                raise ValueError(f"merge into {out_prefix}: the merged {what} {counts[0]} sequences, {counts[1]} "
+                                 f"documents, {counts[2]} tokens, but the inputs hold {expected[0]}, "
+                                 f"{expected[1]}, {expected[2]}; nothing was written")
         tmp_bin.replace(bin_path(out_prefix))
         tmp_idx.replace(idx_path(out_prefix))
     finally:  # after a failure or Ctrl-C: no partial pair left behind, under any name
@@ -94,8 +98,7 @@ def merge(out: str, specs: list[str]) -> Path:
         tmp_idx.unlink(missing_ok=True)
     merged = {k: manifests[0][k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size", "eod_id", "dtype")
               if manifests and k in manifests[0]}
-    merged.update(documents=len(doc_idx) - 1, tokens=int(sum(s.n_tokens for s in shards)),
-                  max_token_id=max(hi for d in opened for _, _, hi in shard_id_bounds(d)),
+    merged.update(documents=expected[1], tokens=expected[2], max_token_id=max_token_id,
                   inputs=[str(p) for p in prefixes], tool_version=TOOL_VERSION)
     write_json_atomic(Path(f"{out_prefix}.json"), merged)
     return out_prefix

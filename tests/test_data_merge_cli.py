@@ -37,7 +37,7 @@ def test_interrupted_merge_leaves_no_partial_output(tmp_path, capsys, monkeypatc
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data_inspect, "write_index", interrupted)  # after the .bin.tmp is written
+    monkeypatch.setattr(data_inspect, "write_concatenated_index", interrupted)  # after the .bin.tmp is written
     assert mtp_data(["merge", str(tmp_path / "out" / "m"), str(a)]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == []
