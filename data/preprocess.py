@@ -4,11 +4,12 @@
     mtp-preprocess corpus.parquet --output data/web --tokenizer tok.model --text-key content --workers 16
     mtp-preprocess books/ --output data/bytes --tokenizer bytes        # byte-level (vocab 256)
 
-Output folder: shard_00000.{idx,bin,json}, ..., tokenizer.model (when trained here) and dataset.json,
-which is written last. Inputs are read in order by this process (so a bad record is reported with its file
-and line), tokenized by a pool of workers, and written to shards that close at input boundaries once they
-hold --max-shard-tokens. A shard becomes visible only when complete; re-running the same command skips
-inputs already in complete shards and finishes the rest.
+Output folder: shard_00000.{idx,bin,json}, ..., tokenizer.model and tokenizer_sample.json (when trained
+here: the tokenizer and the sample of the inputs it learned from) and dataset.json, which is written last.
+Inputs are read in order by this process (so a bad record is reported with its file and line), tokenized
+by a pool of workers, and written to shards that close at input boundaries once they hold
+--max-shard-tokens. A shard becomes visible only when complete; re-running the same command skips inputs
+already in complete shards and finishes the rest.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .preprocess_job import JOB_FILE, PreprocessError, check_job, job_settings, 
 from .preprocess_pool import init_worker, start_pool, stop_pool, tokenize_batch
 from .readers import BadInput, BadRecord, discover, input_format, read_documents
 from .tokenizer import BYTE_TOKENIZER, load_tokenizer, train_sentencepiece
+from .tokenizer_sample import TOKENIZER_SAMPLE, sample_texts
 
 
 @dataclass
@@ -109,24 +111,13 @@ class ShardSet:
 
 
 def _train_tokenizer(cfg: PreprocessConfig, files: list[Path], out: Path, log) -> None:
-    budget = cfg.tokenizer_sample_mb * 2**20
-
-    def sample():
-        seen = 0
-        # Spread the sample over all inputs rather than the first few.
-        step = max(1, len(files) // max(1, min(len(files), 64)))
-        for path in files[::step] + [f for i, f in enumerate(files) if i % step]:
-            for doc in read_documents(path, input_format(path, cfg.format), cfg.text_key):
-                if isinstance(doc, BadRecord) or not doc.text.strip():
-                    continue
-                yield doc.text
-                seen += len(doc.text)
-                if seen >= budget:
-                    return
-
+    texts, sample = sample_texts(files, [input_format(f, cfg.format) for f in files], cfg.text_key,
+                                 cfg.tokenizer_sample_mb * 2**20)
     t0 = time.time()
-    train_sentencepiece(sample(), out / "tokenizer", cfg.vocab_size, cfg.tokenizer_type)
-    log(f"trained a {cfg.vocab_size}-piece SentencePiece {cfg.tokenizer_type} tokenizer in {time.time() - t0:.1f}s")
+    train_sentencepiece(texts, out / "tokenizer", cfg.vocab_size, cfg.tokenizer_type)
+    write_json_atomic(out / TOKENIZER_SAMPLE, sample)  # what was read, for dataset.json
+    log(f"trained a {cfg.vocab_size}-piece SentencePiece {cfg.tokenizer_type} tokenizer in {time.time() - t0:.1f}s "
+        f"on a sample of the inputs ({sample['method']})")
 
 
 def _prepare_output(out: Path) -> None:
@@ -319,6 +310,8 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
         "vocab_size": tok.vocab_size, "eod_id": eod, "dtype": str(dtype), **totals,
         "sources": [str(f) for f in files], "tool_version": TOOL_VERSION,
     }
+    if cfg.train_tokenizer and (out / TOKENIZER_SAMPLE).is_file():
+        summary["tokenizer_sample"] = read_manifest(out / TOKENIZER_SAMPLE)
     run = {**stats, "seconds": elapsed, "tokens_per_s": stats["tokens"] / elapsed,
            "mb_per_s": stats["bytes"] / 2**20 / elapsed, "workers": workers}
     manifest = out / DATASET_MANIFEST
