@@ -51,6 +51,27 @@ def test_pp2_tp2_matches_single_process_and_consolidates(tmp_path, reference):
         assert torch.allclose(state[k], v, rtol=1e-5, atol=1e-5), k
 
 
+@distributed
+def test_pp2_bf16_final_and_consolidation_are_the_fp32_masters(tmp_path):
+    """bf16 with ZeRO-1: final/ and the checkpoint's consolidation (what mtp-export-hf reads) carry the
+    optimizer's fp32 master weights, whose bf16 rounding is the working copy in the layer files."""
+    _, final = pipeline_run(tmp_path, "pp2bf16", 2, "--train.grad_accum_steps", "4", stage="1_bf16")
+    tag_dir = tmp_path / "pp2bf16" / "checkpoints" / "step_00000003"
+    n_trunk = TINY["model"]["n_layers"] - TINY["model"]["n_future_tokens"]
+    working = {}
+    for f in tag_dir.glob("layer_*-model_00-model_states.pt"):
+        layer = int(f.name[len("layer_"):].split("-")[0])
+        working.update({meta_name(f"{layer}.{k}", n_trunk): v
+                        for k, v in torch.load(f, map_location="cpu", weights_only=True).items()})
+    state, _, _ = consolidated_state_dict(tag_dir.parent)
+    assert set(final) == set(state) == set(working)
+    for k, v in final.items():
+        assert v.dtype == torch.float32 and torch.equal(v, state[k]), k
+        assert working[k].dtype == torch.bfloat16 and torch.equal(v.bfloat16(), working[k]), k
+        if v.dim() == 2:  # trained matrices: the masters are not their bf16 rounding
+            assert not torch.equal(v, working[k].float()), k
+
+
 def test_meta_names_of_pipeline_layers():
     n_trunk = 2
     assert meta_name("0.tok_embeddings.weight", n_trunk) == "tok_embeddings.weight"
