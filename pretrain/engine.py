@@ -103,6 +103,8 @@ class Steps:
         tp = self.layout.tensor
         total = torch.zeros((), dtype=torch.float64)
         for p in {id(p): p for p in self.model.parameters()}.values():
+            if getattr(p, "ds_pipe_replicated", False):
+                continue  # a tied weight's copy on a later stage (its gradient is the first stage's)
             if p.grad is not None and (tp.rank == 0 or getattr(p, "tensor_model_parallel", False)):
                 total += p.grad.detach().double().pow(2).sum().cpu()
         if self.layout.model_parallel_group is not None:  # every stage and tensor shard of this replica

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dist_launch import run_ranks
-from dist_training import TINY, assert_matches, ds_json, tiny_with, train
+from dist_training import TINY, assert_matches, ds_json, train
 from mtplm.data.synthetic import write_token_dataset
 from mtplm.pretrain.config import ConfigError, TrainConfig, from_dict
 from mtplm.conversion.consolidate import consolidated_state_dict
@@ -72,6 +72,20 @@ def test_pp2_bf16_final_and_consolidation_are_the_fp32_masters(tmp_path):
             assert not torch.equal(v, working[k].float()), k
 
 
+@distributed
+@pytest.mark.parametrize("stage", [0, 1])
+def test_pp2_tied_embeddings_match_single_process(tmp_path, stage):
+    """Tied embeddings: the first and the last stage each hold the embedding (DeepSpeed's TiedLayerSpec) and
+    its gradient is summed between them; the run and its consolidated checkpoint are the single-process ones."""
+    tied = ("--model.tie_embeddings", "true", "--train.grad_accum_steps", "4")
+    reference = train(tmp_path, "ref_tied", 1, "--train.loss_impl", "naive", *tied)
+    assert_matches(reference, pipeline_run(tmp_path, "pp2tied", 2, *tied, stage=stage))
+    state, _, _ = consolidated_state_dict(tmp_path / "pp2tied" / "checkpoints")
+    assert torch.equal(state["output.weight"], state["tok_embeddings.weight"])
+    for k, v in reference[1].items():
+        assert torch.allclose(state[k], v, rtol=1e-5, atol=1e-5), k
+
+
 def test_meta_names_of_pipeline_layers():
     n_trunk = 2
     assert meta_name("0.tok_embeddings.weight", n_trunk) == "tok_embeddings.weight"
@@ -79,14 +93,13 @@ def test_meta_names_of_pipeline_layers():
     assert meta_name("3.head_blocks.0.ffn_norm.weight", n_trunk) == "layers.2.ffn_norm.weight"
     assert meta_name("3.head_blocks.3.feed_forward.w2.weight", n_trunk) == "extra_heads.2.feed_forward.w2.weight"
     assert meta_name("3.output.weight", n_trunk) == "output.weight"
+    assert meta_name("tied_modules.embedding.tok_embeddings.weight", n_trunk) == "tok_embeddings.weight"
 
 
-def test_pipeline_with_zero2_or_tied_embeddings_is_rejected(tmp_path):
+def test_pipeline_with_zero2_or_too_many_stages_is_rejected(tmp_path):
     cfg = from_dict(TrainConfig, {**TINY, "parallel": {"pipeline": 2}})
     with pytest.raises(ConfigError, match="ZeRO-2 cannot run with parallel.pipeline 2"):
         build_ds_config(cfg, ds_json(tmp_path, "zero2.json"), dp_world_size=1, on_cpu=True)
-    with pytest.raises(ConfigError, match="needs them untied"):
-        from_dict(TrainConfig, {**tiny_with(tie_embeddings=True), "parallel": {"pipeline": 2}})
     with pytest.raises(ConfigError, match="only 4 pipeline layers"):
         from_dict(TrainConfig, {**TINY, "parallel": {"pipeline": 5}})
 
