@@ -132,9 +132,6 @@ class TrainConfig:
         if pp > layers:
             raise ConfigError(f"parallel.pipeline: {pp} stages but the model has only {layers} pipeline layers "
                               f"(embedding, {m.n_trunk_layers} trunk blocks, heads)")
-        if m.tie_embeddings:
-            raise ConfigError("parallel.pipeline: model.tie_embeddings puts one weight on the first stage "
-                              "(embedding) and the last (unembedding); the pipeline layout needs them untied")
 
     def _validate_tensor_parallel(self) -> None:
         m, tp = self.model, self.parallel.tensor

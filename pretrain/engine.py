@@ -103,6 +103,8 @@ class Steps:
         tp = self.layout.tensor
         total = torch.zeros((), dtype=torch.float64)
         for p in {id(p): p for p in self.model.parameters()}.values():
+            if getattr(p, "ds_pipe_replicated", False):
+                continue  # a tied weight's copy on a later stage (its gradient is the first stage's)
             if p.grad is not None and (tp.rank == 0 or getattr(p, "tensor_model_parallel", False)):
                 total += p.grad.detach().double().pow(2).sum().cpu()
         if self.layout.model_parallel_group is not None:  # every stage and tensor shard of this replica
@@ -228,7 +230,8 @@ class PipelineSteps(Steps):
         return head_losses, acceptance
 
     def full_state_dict(self, keep: bool) -> dict[str, torch.Tensor]:
-        state = super().full_state_dict(keep)  # this stage's weights, one replica's tensor rank 0 per stage
+        # this stage's weights (the fp32 masters where the optimizer keeps them), one replica's tensor rank 0
+        state = gather_full_state_dict(self.model, self.layout.tensor, keep=keep, masters=True)
         if not keep:
             return state
         return gather_pipeline_state_dict(state, self.cfg.model.n_trunk_layers, self.layout.grid,

@@ -10,6 +10,11 @@ need the labels, so the last layer passes the trunk output through and the pipel
 MTP loss (sequential heads by default) on it: the heads' work stays one autograd node on the last stage, and
 the gradient of the trunk output flows back through the pipeline like any activation gradient. Imports
 DeepSpeed's PipelineModule (the layout is one) and its balanced partitioner.
+
+Tied embeddings: layer 0 and a pass-through layer after the heads are DeepSpeed TiedLayerSpecs of one key, so
+the first and the last stage each hold the embedding (on the last it is the heads' unembedding weight, the same
+Parameter), DeepSpeed broadcasts it from the first stage at the start and all-reduces its gradient between the
+two before every optimizer step.
 """
 
 from __future__ import annotations
@@ -89,6 +94,13 @@ class PipelineLoss:
         return total
 
 
+TIED_KEY = "embedding"
+
+
+def _pass_through(embedding: EmbeddingStage, h):
+    return h
+
+
 def pipeline_layers(model: MTPTransformer) -> list[nn.Module]:
     trunk = [TrunkBlockStage(model, i) for i in range(model.cfg.n_trunk_layers)]
     return [EmbeddingStage(model), *trunk, HeadsStage(model)]
@@ -112,21 +124,30 @@ def build_pipeline_module(model: MTPTransformer, topology, partition_method: str
     dropped. checkpoint_interval > 0 recomputes each stage's trunk blocks in units of that many consecutive
     layers (DeepSpeed's interval; a unit that holds the embedding or the heads is not recomputed).
     Returns (module, loss)."""
-    from deepspeed.pipe import PipelineModule
+    from deepspeed.pipe import PipelineModule, TiedLayerSpec
     from deepspeed.runtime import utils as ds_utils
 
     layers = pipeline_layers(model)
     costs = layer_costs(layers, partition_method)
+    heads = layers[-1]
+    tied = model.cfg.tie_embeddings
+    if tied:
+        def embedding(**kw):
+            return TiedLayerSpec(TIED_KEY, EmbeddingStage, model, tied_weight_attr="tok_embeddings.weight", **kw)
+
+        layers = [embedding(), *layers[1:], embedding(forward_fn=_pass_through)]
 
     class MTPPipelineModule(PipelineModule):
         def _partition_layers(self, method="uniform"):
             # DeepSpeed's "type:" counts every layer of a type as one; the heads layer is n blocks plus the
             # unembedding, so stages are balanced on our own cost model instead.
             self.parts = ds_utils.partition_balanced(weights=costs, num_parts=self.num_stages)
+            if tied:  # the embedding's copy for the unembedding goes with the heads
+                self.parts[-1] += 1
             stage = self._topo.get_coord(self.global_rank).pipe
             self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
-    loss = PipelineLoss(layers[-1])
+    loss = PipelineLoss(heads)
     module = MTPPipelineModule(layers=layers, topology=topology, loss_fn=loss, partition_method=partition_method,
                                activation_checkpoint_interval=checkpoint_interval,
                                checkpointable_layers=[TrunkBlockStage.__name__])
@@ -137,6 +158,8 @@ def build_pipeline_module(model: MTPTransformer, topology, partition_method: str
 
 def meta_name(pipeline_name: str, n_trunk: int) -> str:
     """'<layer>.<name inside the layer>' of the pipeline module -> the model's (Meta's) parameter name."""
+    if pipeline_name.startswith("tied_modules."):  # tied_modules.<key>.<name inside EmbeddingStage>
+        return pipeline_name.split(".", 2)[2]
     index, _, rest = pipeline_name.partition(".")
     index = int(index)
     if index == 0:

@@ -209,16 +209,21 @@ def apply_tensor_parallel(model, tp: TensorParallel):
     return model
 
 
-def gather_full_state_dict(module: nn.Module, tp: TensorParallel, keep: bool = True) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(module: nn.Module, tp: TensorParallel, keep: bool = True,
+                           masters: bool = False) -> dict[str, torch.Tensor]:
     """Collective over the tensor-parallel group (and, under ZeRO-3, the data-parallel group): the module's
     state dict with every shard re-assembled (on CPU); ranks with keep=False only take part and return {}.
-    ZeRO-3 partitions are gathered one parameter at a time, so no rank holds the whole model on the device."""
+    ZeRO-3 partitions are gathered one parameter at a time, so no rank holds the whole model on the device.
+    masters=True (ZeRO-1/2 or DeepSpeed's bf16 optimizer; collective over the data-parallel group too): the
+    optimizer's fp32 master of each parameter, not its bf16/fp16 working copy."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
     out = {}
     for name, p in module.named_parameters(remove_duplicate=False):
         with deepspeed.zero.GatheredParameters([p]):
-            t = p.detach()
+            t = safe_get_full_fp32_param(p) if masters else None
+            t = p.detach() if t is None else t
             if tp.world > 1 and getattr(p, "tensor_model_parallel", False):
                 parts = [torch.empty_like(t) for _ in range(tp.world)]
                 dist.all_gather(parts, t.contiguous(), group=tp.group)

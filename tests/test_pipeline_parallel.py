@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dist_launch import run_ranks
-from dist_training import TINY, assert_matches, ds_json, tiny_with, train
+from dist_training import TINY, assert_matches, ds_json, train
 from mtplm.data.synthetic import write_token_dataset
 from mtplm.pretrain.config import ConfigError, TrainConfig, from_dict
 from mtplm.conversion.consolidate import consolidated_state_dict
@@ -51,6 +51,41 @@ def test_pp2_tp2_matches_single_process_and_consolidates(tmp_path, reference):
         assert torch.allclose(state[k], v, rtol=1e-5, atol=1e-5), k
 
 
+@distributed
+def test_pp2_bf16_final_and_consolidation_are_the_fp32_masters(tmp_path):
+    """bf16 with ZeRO-1: final/ and the checkpoint's consolidation (what mtp-export-hf reads) carry the
+    optimizer's fp32 master weights, whose bf16 rounding is the working copy in the layer files."""
+    _, final = pipeline_run(tmp_path, "pp2bf16", 2, "--train.grad_accum_steps", "4", stage="1_bf16")
+    tag_dir = tmp_path / "pp2bf16" / "checkpoints" / "step_00000003"
+    n_trunk = TINY["model"]["n_layers"] - TINY["model"]["n_future_tokens"]
+    working = {}
+    for f in tag_dir.glob("layer_*-model_00-model_states.pt"):
+        layer = int(f.name[len("layer_"):].split("-")[0])
+        working.update({meta_name(f"{layer}.{k}", n_trunk): v
+                        for k, v in torch.load(f, map_location="cpu", weights_only=True).items()})
+    state, _, _ = consolidated_state_dict(tag_dir.parent)
+    assert set(final) == set(state) == set(working)
+    for k, v in final.items():
+        assert v.dtype == torch.float32 and torch.equal(v, state[k]), k
+        assert working[k].dtype == torch.bfloat16 and torch.equal(v.bfloat16(), working[k]), k
+        if v.dim() == 2:  # trained matrices: the masters are not their bf16 rounding
+            assert not torch.equal(v, working[k].float()), k
+
+
+@distributed
+@pytest.mark.parametrize("stage", [0, 1])
+def test_pp2_tied_embeddings_match_single_process(tmp_path, stage):
+    """Tied embeddings: the first and the last stage each hold the embedding (DeepSpeed's TiedLayerSpec) and
+    its gradient is summed between them; the run and its consolidated checkpoint are the single-process ones."""
+    tied = ("--model.tie_embeddings", "true", "--train.grad_accum_steps", "4")
+    reference = train(tmp_path, "ref_tied", 1, "--train.loss_impl", "naive", *tied)
+    assert_matches(reference, pipeline_run(tmp_path, "pp2tied", 2, *tied, stage=stage))
+    state, _, _ = consolidated_state_dict(tmp_path / "pp2tied" / "checkpoints")
+    assert torch.equal(state["output.weight"], state["tok_embeddings.weight"])
+    for k, v in reference[1].items():
+        assert torch.allclose(state[k], v, rtol=1e-5, atol=1e-5), k
+
+
 def test_meta_names_of_pipeline_layers():
     n_trunk = 2
     assert meta_name("0.tok_embeddings.weight", n_trunk) == "tok_embeddings.weight"
@@ -58,14 +93,13 @@ def test_meta_names_of_pipeline_layers():
     assert meta_name("3.head_blocks.0.ffn_norm.weight", n_trunk) == "layers.2.ffn_norm.weight"
     assert meta_name("3.head_blocks.3.feed_forward.w2.weight", n_trunk) == "extra_heads.2.feed_forward.w2.weight"
     assert meta_name("3.output.weight", n_trunk) == "output.weight"
+    assert meta_name("tied_modules.embedding.tok_embeddings.weight", n_trunk) == "tok_embeddings.weight"
 
 
-def test_pipeline_with_zero2_or_tied_embeddings_is_rejected(tmp_path):
+def test_pipeline_with_zero2_or_too_many_stages_is_rejected(tmp_path):
     cfg = from_dict(TrainConfig, {**TINY, "parallel": {"pipeline": 2}})
     with pytest.raises(ConfigError, match="ZeRO-2 cannot run with parallel.pipeline 2"):
         build_ds_config(cfg, ds_json(tmp_path, "zero2.json"), dp_world_size=1, on_cpu=True)
-    with pytest.raises(ConfigError, match="needs them untied"):
-        from_dict(TrainConfig, {**tiny_with(tie_embeddings=True), "parallel": {"pipeline": 2}})
     with pytest.raises(ConfigError, match="only 4 pipeline layers"):
         from_dict(TrainConfig, {**TINY, "parallel": {"pipeline": 5}})
 
