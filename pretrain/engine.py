@@ -121,7 +121,9 @@ class Steps:
     def full_state_dict(self, keep: bool) -> dict[str, torch.Tensor]:
         """Collective: this replica's full weights with Meta's names on the rank with keep=True (one replica's
         tensor rank 0 of the first stage); {} elsewhere."""
-        return gather_full_state_dict(self.model, self.layout.tensor, keep=keep)
+        # bf16/fp16: the optimizer's fp32 masters, not the rounded working copy the forward uses.
+        masters = self.engine.bfloat16_enabled() or self.engine.fp16_enabled()
+        return gather_full_state_dict(self.model, self.layout.tensor, keep=keep, masters=masters)
 
 
 class DataParallelSteps(Steps):

@@ -10,8 +10,10 @@ under ZeRO-0 to 3 against a bf16 naive run of the same layout.
 import json
 
 import pytest
+import torch
 
 from dist_training import assert_matches, ds_json, params_held, train
+from mtplm.conversion.consolidate import consolidated_state_dict
 
 pytestmark = pytest.mark.distributed
 
@@ -91,3 +93,12 @@ def test_bf16_sequential_matches_bf16_naive(tmp_path, stage):
     for k in w_naive:
         off = (w_seq[k] - w_naive[k]).abs() > 1e-3 * w_naive[k].abs().max().clamp(min=1.0)
         assert off.sum().item() <= max(2, 0.01 * off.numel()), f"{k}: {off.sum().item()} of {off.numel()} entries differ"
+    # final/ holds the optimizer's fp32 masters, not their bf16 rounding (the working copy), like the checkpoint's
+    # consolidation (what mtp-export-hf reads). Under ZeRO-0, DeepSpeed 0.19.8 exposes no masters to
+    # safe_get_full_fp32_param: final/ keeps the bf16 weights there.
+    if stage == 0:
+        return
+    state, _, _ = consolidated_state_dict(tmp_path / "bf16_seq" / "checkpoints")
+    for k, v in w_seq.items():
+        assert v.dtype == torch.float32 and torch.equal(v, state[k].float()), k
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in w_seq.values() if v.dim() == 2)
