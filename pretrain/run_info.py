@@ -1,6 +1,9 @@
-"""What the trainer reports about a run: the start-up description, and the accelerator's peak for MFU."""
+"""What the trainer reports about a run: the start-up description, each step's throughput, and the accelerator's
+peak for MFU."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -49,3 +52,32 @@ def startup_lines(cfg: TrainConfig, dist, layout, dp_world: int, fingerprint, ze
         lines.append(f"built under zero.Init: this rank keeps {local_params / 1e6:.2f}M of the "
                      f"{total_params / 1e6:.2f}M parameters of {shard}")
     return lines
+
+
+class Throughput:
+    """The figures each step's record carries beside its losses: tokens/s since the last measured step, the data
+    consumed, and on a GPU MFU and peak memory. Time spent evaluating or saving is left out (restart())."""
+
+    def __init__(self, cfg: TrainConfig, world_size: int, on_cpu: bool, step: int):
+        self.seq_len, self.world_size, self.on_cpu = cfg.data.seq_len, world_size, on_cpu
+        self.flops_token = flops_per_token(cfg.model, cfg.data.seq_len).training
+        self.peak = None if on_cpu else peak_flops(cfg)
+        if not on_cpu:
+            torch.cuda.reset_peak_memory_stats()
+        self.last_step = step
+        self.restart()
+
+    def restart(self) -> None:
+        self.last_time = time.perf_counter()
+
+    def measure(self, step: int, tokens_per_step: int, consumed_samples: int) -> dict:
+        now = time.perf_counter()
+        m = {"tokens_per_s": tokens_per_step * (step - self.last_step) / max(now - self.last_time, 1e-9)}
+        m["tokens_per_s_per_rank"] = m["tokens_per_s"] / self.world_size
+        m["consumed_samples"], m["consumed_tokens"] = consumed_samples, consumed_samples * self.seq_len
+        if self.peak:
+            m["mfu"] = m["tokens_per_s_per_rank"] * self.flops_token / self.peak
+        if not self.on_cpu:
+            m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.last_time, self.last_step = now, step
+        return m

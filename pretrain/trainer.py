@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import torch
 import torch.distributed as dist
 
 from mtplm.inference.acceptance import AcceptanceCounts
-from mtplm.model.flops import flops_per_token
 
 from .build_model import build_model, local_parameter_count
 from .checkpoint import (DATA_KEY, CheckpointSaveError, checkpoint_dir, decide_resume, load_checkpoint,
@@ -26,7 +24,7 @@ from .engine import build_engine
 from .metrics_log import MetricsLogger
 from .parallel_layout import build_layout, check_world_size
 from .preemption import StopSignal
-from .run_info import peak_flops, startup_lines
+from .run_info import Throughput, startup_lines
 from .task_accuracy import TaskAccuracy
 
 @dataclass
@@ -164,27 +162,14 @@ class Trainer:
         stop = self.stop
         batches = iter(self.train_loader)
         samples_per_step = t.micro_batch_size * t.grad_accum_steps * self.dp_world
-        tokens_per_step = samples_per_step * cfg.data.seq_len
-        flops_token = flops_per_token(cfg.model, cfg.data.seq_len).training
-        peak = None if self.dist.on_cpu else peak_flops(cfg)
-        if not self.dist.on_cpu:
-            torch.cuda.reset_peak_memory_stats()
-        last_time, last_step = time.perf_counter(), self.step
+        throughput = Throughput(cfg, self.dist.world_size, self.dist.on_cpu, self.step)
         try:
             while self.step < t.steps:
                 metrics = self.train_step(batches)
                 self.step += 1
                 self.consumed_samples += samples_per_step
-                now = time.perf_counter()
-                metrics["tokens_per_s"] = tokens_per_step * (self.step - last_step) / max(now - last_time, 1e-9)
-                metrics["tokens_per_s_per_rank"] = metrics["tokens_per_s"] / self.dist.world_size
-                metrics["consumed_samples"] = self.consumed_samples
-                metrics["consumed_tokens"] = self.consumed_samples * cfg.data.seq_len
-                if peak:
-                    metrics["mfu"] = metrics["tokens_per_s_per_rank"] * flops_token / peak
-                if not self.dist.on_cpu:
-                    metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                last_time, last_step = now, self.step
+                metrics.update(throughput.measure(self.step, samples_per_step * cfg.data.seq_len,
+                                                  self.consumed_samples))
                 if not math.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}")
                 result.train_log.append({"step": self.step, **metrics})
@@ -195,13 +180,13 @@ class Trainer:
                     if ev is not None:
                         result.eval_log.append({"step": self.step, **ev})
                         self.logger.write(self.step, "valid", ev, echo=True)
-                    last_time = time.perf_counter()  # evaluation is not training throughput
+                    throughput.restart()  # evaluation is not training throughput
                 if self.task_accuracy.due(self.step):
                     tasks = self.task_accuracy.evaluate()
                     if self.dist.rank == 0:
                         result.task_log.append({"step": self.step, **tasks})
                     self.logger.write(self.step, "tasks", tasks, echo=True)
-                    last_time = time.perf_counter()
+                    throughput.restart()
                 if stop.agreed(self.engine.device):
                     self.logger.info(f"stop requested ({stop.name}); checkpointing at step {self.step}")
                     self.save()
@@ -209,7 +194,7 @@ class Trainer:
                     break
                 if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
                     self.save()
-                    last_time = time.perf_counter()
+                    throughput.restart()
             else:
                 if t.save_final:
                     self.save()
