@@ -96,11 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_plots(out_dir: Path, metrics_file: str, log) -> None:
     """The run's loss, learning-rate, throughput and acceptance plots (mtp-plot's), when matplotlib is there."""
-    from mtplm.pretrain.plot import PLOT_EXTRA, Run, plot_runs, read_metrics
+    from mtplm.pretrain.plot import PLOT_EXTRA, Run, matplotlib_available, plot_runs, read_metrics
 
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if not matplotlib_available():
         log(f"no plots: {PLOT_EXTRA}")
         return
     paths = plot_runs([Run("demo", *read_metrics(out_dir, metrics_file))], out_dir / "plots")

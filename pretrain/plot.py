@@ -11,6 +11,7 @@ install "mtplm[plot]" (pip install -e ".[plot]" in a checkout).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -95,12 +96,22 @@ def save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_runs(runs: list[Run], out_dir: Path) -> list[Path]:
+def matplotlib_available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: files only, no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_runs(runs: list[Run], out_dir: Path) -> list[Path]:
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     xlabel = "tokens seen" if all(r.by_tokens for r in runs) else "step"
     if xlabel == "step":
@@ -168,9 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="folder for the PNGs (default: FIRST_RUN_DIR/plots)")
     parser.add_argument("--metrics-file", default="metrics.jsonl", help="train.metrics_file of the runs")
     args = parser.parse_args(argv)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if not matplotlib_available():
         print(f"mtp-plot: {PLOT_EXTRA}", file=sys.stderr)
         return 1
     try:

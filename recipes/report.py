@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from mtplm.data.manifest import write_json_atomic
+from mtplm.pretrain.plot import pyplot, save
 
 
 def _key(v: str):
@@ -32,28 +33,13 @@ def write_table(rows: list[dict], out: Path, header: str, difficulty: str) -> No
     os.replace(tmp, out / "results.md")
 
 
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _mean_spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.mean(values), min(values), max(values)
 
 
 def plot_by_difficulty(rows: list[dict], path: Path, difficulty: str, title: str) -> None:
     """Task accuracy against difficulty, one line per (size, n): the mean over seeds, the band min..max."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lines = defaultdict(list)
     for r in rows:
@@ -75,13 +61,13 @@ def _finish(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> N
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
     plt.close(fig)
 
 
 def plot_by_tokens(rows: list[dict], path: Path, title: str) -> None:
     """Accuracy at each evaluated checkpoint against training tokens, one line per (size, n), mean over seeds."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lines = defaultdict(lambda: defaultdict(list))
     for r in rows:
