@@ -232,8 +232,7 @@ class PipelineSteps(Steps):
         return head_losses, acceptance
 
     def full_state_dict(self, keep: bool) -> dict[str, torch.Tensor]:
-        # this stage's weights (the fp32 masters where the optimizer keeps them), one replica's tensor rank 0
-        state = gather_full_state_dict(self.model, self.layout.tensor, keep=keep, masters=True)
+        state = super().full_state_dict(keep)  # this stage's weights, one replica's tensor rank 0
         if not keep:
             return state
         return gather_pipeline_state_dict(state, self.cfg.model.n_trunk_layers, self.layout.grid,
