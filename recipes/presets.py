@@ -31,8 +31,9 @@ class Preset:
 POLYNOMIAL = {
     "tiny": Preset({"tiny": dict(dim=32, n_layers=4, n_heads=2)}, seq_len=64, micro_batch_size=4, steps=4,
                    lr=3e-3, warmup_steps=1, train_docs=300, test_docs=2, valid_samples=4, eval_batch_size=20),
-    "quick": Preset({"small": dict(dim=128, n_layers=4, n_heads=4)}, seq_len=128, micro_batch_size=16,
-                    steps=220, lr=2e-3, warmup_steps=20, train_docs=20_000, test_docs=50),
+    # 5 blocks, so that n = 4 keeps one trunk block; 100k problems (~3.1M tokens) so that no problem is seen twice
+    "quick": Preset({"small": dict(dim=128, n_layers=5, n_heads=4)}, seq_len=128, micro_batch_size=16,
+                    steps=1200, lr=2e-3, warmup_steps=50, train_docs=100_000, test_docs=50),
     "paper": Preset({"medium": dict(dim=512, n_layers=8, n_heads=8)}, seq_len=256, micro_batch_size=64,
                     steps=20_000, lr=1e-3, warmup_steps=500, train_docs=2_000_000, test_docs=1000,
                     valid_samples=512, eval_batch_size=128),
@@ -41,8 +42,8 @@ POLYNOMIAL = {
 INDUCTION = {
     "tiny": Preset({"tiny": dict(dim=32, n_layers=4, n_heads=2)}, seq_len=64, micro_batch_size=4, steps=4,
                    lr=3e-3, warmup_steps=1, train_docs=200, test_docs=8, eval_points=2, valid_samples=4),
-    "quick": Preset({"1M": dict(dim=128, n_layers=5, n_heads=4)}, seq_len=256, micro_batch_size=8, steps=120,
-                    lr=2e-3, warmup_steps=10, train_docs=5_000, test_docs=200, eval_points=3),
+    "quick": Preset({"1M": dict(dim=128, n_layers=5, n_heads=4)}, seq_len=256, micro_batch_size=8, steps=1200,
+                    lr=2e-3, warmup_steps=50, train_docs=10_000, test_docs=200, eval_points=4),
     "paper": Preset({"1M": dict(dim=128, n_layers=5, n_heads=4), "3M": dict(dim=256, n_layers=4, n_heads=8)},
                     seq_len=512, micro_batch_size=64, steps=20_000, lr=1e-3, warmup_steps=500,
                     train_docs=1_000_000, test_docs=2000, eval_points=8, valid_samples=512, eval_batch_size=128),
