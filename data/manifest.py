@@ -17,6 +17,15 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_jsonl_atomic(path: Path, records) -> None:
+    """One JSON object per line, under a temporary name renamed when complete."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
 # Fields the readers rely on, with the types they must have (None allowed unless listed in _REQUIRED).
 _FIELDS = {"shards": list, "tokenizer": str, "tokenizer_sha256": str, "vocab_size": int, "eod_id": int,
            "dtype": str, "documents": int, "tokens": int, "max_token_id": int}

@@ -85,6 +85,9 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="consolidated folder, Hugging Face export, or training checkpoint folder")
     p.add_argument("--output", default="eval.json", help="JSON file of every figure (default: eval.json)")
+    p.add_argument("--completions", metavar="JSONL",
+                   help="--tasks: also write every record's completion here (file, line, prompt, answer, completion, "
+                        "correct, groups), to score it another way or read what the model wrote")
     g = p.add_argument_group("loss and acceptance on a dataset")
     g.add_argument("--data", nargs="+", default=[], metavar="DATASET",
                    help="dataset folders or Megatron prefixes written by mtp-preprocess (blended like training's)")
@@ -122,6 +125,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not (args.data or args.tasks or args.code):
         p.error("give at least one of --data, --tasks, --code")
+    if args.completions and not args.tasks:
+        p.error("--completions writes the completions of --tasks; give --tasks too")
     if args.code and not args.allow_code_execution:
         p.error("--code runs model-written code on this machine; add --allow-code-execution to accept that "
                 "(see --help)")
@@ -171,7 +176,7 @@ def table(results: dict) -> str:
 
 
 def run(args, argv) -> dict:
-    from mtplm.data.manifest import write_json_atomic
+    from mtplm.data.manifest import write_json_atomic, write_jsonl_atomic
 
     path = Path(args.model)
     model, kind, train_cfg = load_for_eval(path)
@@ -197,14 +202,20 @@ def run(args, argv) -> dict:
                           "split_ratios": data_cfg.split, "seq_len": data_cfg.seq_len, "seed": data_cfg.seed,
                           "samples_in_split": len(samples), **metrics}
     if args.tasks:
-        from .task_eval import evaluate_tasks, read_tasks
+        from .task_eval import evaluate_tasks, is_correct, read_tasks
 
-        out["tasks"] = []
+        out["tasks"], completions = [], []
         for f in args.tasks:
             records = read_tasks(f)[: args.limit]
-            res, _ = evaluate_tasks(model, tok, records, args.max_new_tokens, args.batch_size, args.draft_heads,
-                                    args.stop or [], progress)
+            res, outs = evaluate_tasks(model, tok, records, args.max_new_tokens, args.batch_size, args.draft_heads,
+                                       args.stop or [], progress)
             out["tasks"].append({"file": f, "max_new_tokens": args.max_new_tokens, "stop": args.stop or [], **res})
+            completions += [{"where": r.where, "prompt": r.prompt, "answer": r.answer, "completion": c,
+                             "correct": is_correct(r, c), "groups": r.groups}
+                            for r, c in zip(records, outs)]
+        if args.completions:
+            Path(args.completions).parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl_atomic(Path(args.completions), completions)
     if args.code:
         from .code_exec import DEFAULT_STOP, evaluate_code, read_problems
 

@@ -98,9 +98,13 @@ def complete(generator: MTPGenerator, tokenizer, prompts: list[tuple[str, str]],
     return [cut_at_stop(tokenizer.decode(o), list(stop)) for o in outs], stats
 
 
+def is_correct(record: TaskRecord, completion: str) -> bool:
+    return completion.strip() == record.answer.strip()
+
+
 def score(records: list[TaskRecord], completions: list[str]) -> dict:
     """Accuracy overall and per value of every grouping field."""
-    correct = [c.strip() == r.answer.strip() for r, c in zip(records, completions)]
+    correct = [is_correct(r, c) for r, c in zip(records, completions)]
     by: dict = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for r, ok in zip(records, correct):
         for key, value in r.groups.items():
@@ -128,7 +132,7 @@ def evaluate_tasks(model, tokenizer, records: list[TaskRecord], max_new_tokens: 
                                stop=stop)
         completions += outs
         totals = stats if totals is None else totals + stats
-        right = sum(c.strip() == r.answer.strip() for r, c in zip(records, completions))
+        right = sum(is_correct(r, c) for r, c in zip(records, completions))
         bar.update(len(chunk))
         bar.set_postfix(accuracy=f"{right / len(completions):.3f}")
     bar.close()

@@ -13,7 +13,9 @@ negation is "-e"; addition, multiplication and composition are "(a+b)", "(a*b)",
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 P = 7  # coefficients mod 7
 D = 5  # powers X^0..X^4 kept
@@ -123,3 +125,15 @@ def make_datasets(seed: int, train_size: int, test_per_m: int, train_ms=range(1,
         if prompt not in seen:
             docs.append(prompt + answer)
     return docs, tests
+
+
+def digit_accuracy_by_m(completions: Path) -> dict[str, float]:
+    """Share of the answer's D coefficient digits the greedy completion gets right, by m (mtp-eval
+    --completions): partial credit where exact match is still 0. Chance is 1/7."""
+    right: dict[str, list[int]] = {}
+    for line in completions.read_text().splitlines():
+        r = json.loads(line)
+        got = r["completion"].strip()
+        hits = sum(a == b for a, b in zip(got, r["answer"]))
+        right.setdefault(r["groups"]["m"], []).append(hits)
+    return {m: sum(h) / (D * len(h)) for m, h in right.items()}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from mtplm.data.manifest import write_json_atomic
+from mtplm.data.manifest import write_json_atomic, write_jsonl_atomic
 from mtplm.model.config import ModelConfig
 from mtplm.model.flops import count_params
 
@@ -43,14 +43,6 @@ class RecipeError(RuntimeError):
 
 def log(msg: str) -> None:
     print(f"[mtp-recipe] {msg}", flush=True)
-
-
-def write_jsonl_atomic(path: Path, records) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
 
 
 def check_run_folder(out: Path, settings: dict) -> None:
@@ -151,11 +143,12 @@ def mtp_eval(folder: Path, cfg: dict, preset: Preset, tasks: Path | None) -> dic
                                 "--seq-len", str(d["seq_len"]), "--data-split", *map(str, d["split"]),
                                 "--data-seed", str(d["seed"])]}
     if tasks is not None:  # the answer is 5 digits; the model ends it with the end-of-document token
-        calls["eval_tasks.json"] = ["--tasks", str(tasks), "--max-new-tokens", str(polynomial.D)]
+        calls["eval_tasks.json"] = ["--tasks", str(tasks), "--max-new-tokens", str(polynomial.D),
+                                    "--completions", str(folder / "completions.jsonl")]
     result = {}
     for name, argv in calls.items():
         path = folder / name
-        if not path.is_file():
+        if not path.is_file() or ("--completions" in argv and not Path(argv[argv.index("--completions") + 1]).is_file()):
             argv = common + argv + ["--output", str(path)]
             run(parse_args(argv), argv)
         result.update(json.loads(path.read_text()))
@@ -250,7 +243,8 @@ def run_model(recipe, preset, out, tokens, size, n, seed, mcfg, counts, ds_confi
            "val_head_losses": ev["dataset"]["head_losses"]}
     if recipe == "polynomial":
         t = ev["tasks"][0]
-        row.update(accuracy=t["accuracy"], accuracy_by={m: s["accuracy"] for m, s in t["by"]["m"].items()})
+        row.update(accuracy=t["accuracy"], accuracy_by={m: s["accuracy"] for m, s in t["by"]["m"].items()},
+                   digit_accuracy_by=polynomial.digit_accuracy_by_m(folder / "completions.jsonl"))
     else:
         curve = induction_curve(folder, preset, test)
         row.update(accuracy=curve[-1]["accuracy"], accuracy_by=curve[-1]["by"], curve=curve)

@@ -126,10 +126,15 @@ def test_task_accuracy_against_plain_greedy_decoding(byte_model, tmp_path, capsy
                 "level": i % 3} for i, (p, c, ok) in enumerate(zip(prompts, cut, right))]
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
-    out = tmp_path / "eval.json"
+    out, written = tmp_path / "eval.json", tmp_path / "logs" / "completions.jsonl"
     assert eval_main([str(folder), "--tasks", str(tasks), "--max-new-tokens", str(budget), "--stop", stop,
-                      "--batch-size", "4", "--output", str(out), "--no-progress"]) == 0
+                      "--batch-size", "4", "--output", str(out), "--completions", str(written),
+                      "--no-progress"]) == 0
     res = json.loads(out.read_text())["tasks"][0]
+    logged = [json.loads(line) for line in written.read_text().splitlines()]
+    assert [r["completion"] for r in logged] == cut and [r["correct"] for r in logged] == right
+    assert [r["where"] for r in logged] == [f"{tasks}:{i}" for i in range(1, 7)]
+    assert logged[3]["groups"] == {"difficulty": "easy", "level": "0"} and logged[3]["answer"] == records[3]["answer"]
     assert res["records"] == 6 and res["correct"] == 4 and res["accuracy"] == pytest.approx(4 / 6)
     by = res["by"]
     assert by["difficulty"]["hard"]["correct"] == sum(right[i] for i in (0, 2, 4))

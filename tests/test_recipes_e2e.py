@@ -29,18 +29,20 @@ def test_recipe_tiny_end_to_end(tmp_path, name, groups):
     for r in rows:
         assert 0 <= r["accuracy"] <= 1
         if groups:
-            assert sorted(r["accuracy_by"], key=int) == groups
+            assert sorted(r["accuracy_by"], key=int) == sorted(r["digit_accuracy_by"], key=int) == groups
+            assert all(0 <= v <= 1 for v in r["digit_accuracy_by"].values())
         else:
             assert [p["step"] for p in r["curve"]] == [2, 4] and r["curve"][-1]["positions"] > 0
     table = (out / "results.md").read_text()
     assert "| 1 | 1 |" in table and "| 2 | 1 |" in table
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    evals = {p: p.stat().st_mtime_ns for p in out.glob("models/*/*eval.json")}
+    assert len(list(out.glob("models/*/*eval*.json"))) == 4  # two evaluations per model
+    evals = {p: p.stat().st_mtime_ns for p in out.glob("models/*/*eval*.json")}
     again = recipe(name, "--preset", "tiny", "--out", str(out), "--seeds", "1", "--n", "1", "2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("trained already") == 2
-    assert {p: p.stat().st_mtime_ns for p in out.glob("models/*/*eval.json")} == evals
+    assert {p: p.stat().st_mtime_ns for p in out.glob("models/*/*eval*.json")} == evals
 
     other = recipe(name, "--preset", "quick", "--out", str(out))
     assert other.returncode == 1 and "holds another run" in other.stderr and "preset" in other.stderr

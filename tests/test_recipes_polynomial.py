@@ -131,3 +131,12 @@ def parse(text):
     e = expr()
     assert pos == len(text)
     return e
+
+
+def test_digit_accuracy_counts_matching_positions_by_m(tmp_path):
+    import json
+
+    f = tmp_path / "completions.jsonl"
+    recs = [("12345", " 12345\n", "1"), ("12345", "12000", "1"), ("00000", "0", "2"), ("65432", "", "2")]
+    f.write_text("".join(json.dumps({"answer": a, "completion": c, "groups": {"m": m}}) + "\n" for a, c, m in recs))
+    assert P.digit_accuracy_by_m(f) == {"1": (5 + 2) / 10, "2": 1 / 10}
