@@ -197,8 +197,9 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
     bar = tqdm(total=sum(u.nbytes for u in todo), unit="B", unit_scale=True, desc="preprocess", disable=None,
                file=sys.stderr)
     t0 = time.time()
+    results = _results(todo, task, workers, tok_spec)
     try:
-        for r in _results(todo, task, workers, tok_spec):
+        for r in results:
             if "fail" in r:
                 raise PreprocessError(f"{r['fail']} (use --on-error skip to skip and count such "
                                       f"{'inputs' if r['input'] else 'records'})")
@@ -214,20 +215,18 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
             bar.update(r["nbytes"])
             elapsed = max(time.time() - t0, 1e-9)
             bar.set_postfix_str(f"{stats['documents'] / elapsed:.0f} docs/s {stats['tokens'] / elapsed:.0f} tok/s")
-    except KeyboardInterrupt as e:
-        for u in todo:  # what the stopped workers left of units they had not finished
+    except BaseException as e:
+        results.close()  # the workers are stopped before what they leave of unfinished units is removed
+        for u in todo:
             if unit_state(out, u) == "todo":
                 clear_unit(out, u)
+        if not isinstance(e, KeyboardInterrupt):
+            raise
         signum = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
         n_done = sum(unit_state(out, u) == "done" for u in units)
         raise Interrupted(f"stopped by {signal.Signals(signum).name}: {where}{out} has {n_done} complete shards "
                           f"holding {len(_done_inputs(out, units))} of {len(files)} inputs; re-run the same command to "
                           f"continue", signum) from None
-    except BaseException:
-        for u in todo:
-            if unit_state(out, u) == "todo":
-                clear_unit(out, u)
-        raise
     finally:
         bar.close()
     record_partition(out, units, n_parts, part, complete=True)

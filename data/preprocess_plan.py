@@ -40,11 +40,6 @@ class Unit:
     def shard(self) -> str:
         return f"shard_{self.id}"
 
-    def describe(self) -> str:
-        if self.end is None:
-            return self.files[0] if len(self.files) == 1 else f"{self.files[0]} .. {self.files[-1]} ({len(self.files)} inputs)"
-        return f"{self.files[0]} [{self.start}, {self.end})"
-
 
 def _splits(n: int, parts: int) -> list[int]:
     return [n * k // parts for k in range(parts + 1)]
