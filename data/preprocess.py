@@ -35,7 +35,7 @@ from .preprocess_finalize import (check_partitions, clear_unit, finalize, pendin
                                   unit_state)
 from .preprocess_job import JOB_FILE, PreprocessError, check_job, job_settings, recorded_job
 from .preprocess_plan import Unit, partition_units, plan_units
-from .preprocess_pool import init_worker, process_unit, start_pool, stop_pool
+from .preprocess_pool import init_worker, peak_rss_mb, process_unit, start_pool, stop_pool
 from .readers import discover, input_format
 from .tokenizer import BYTE_TOKENIZER, load_tokenizer, train_sentencepiece
 from .tokenizer_sample import TOKENIZER_SAMPLE, sample_texts
@@ -196,7 +196,7 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
     workers = min(cfg.workers or os.cpu_count() or 1, max(len(todo), 1))
     bar = tqdm(total=sum(u.nbytes for u in todo), unit="B", unit_scale=True, desc="preprocess", disable=None,
                file=sys.stderr)
-    t0 = time.time()
+    t0, rss = time.time(), {}
     results = _results(todo, task, workers, tok_spec)
     try:
         for r in results:
@@ -212,6 +212,7 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
                 tqdm.write(f"skipped {why} (the whole input; none of its documents are kept)", file=sys.stderr)
             for k in stats:
                 stats[k] += r[k]
+            rss[r["pid"]] = max(rss.get(r["pid"], 0), r["max_rss_mb"])
             bar.update(r["nbytes"])
             elapsed = max(time.time() - t0, 1e-9)
             bar.set_postfix_str(f"{stats['documents'] / elapsed:.0f} docs/s {stats['tokens'] / elapsed:.0f} tok/s")
@@ -233,7 +234,9 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
 
     elapsed = max(time.time() - t0, 1e-9)
     run = {**stats, "seconds": elapsed, "tokens_per_s": stats["tokens"] / elapsed,
-           "mb_per_s": stats["bytes"] / 2**20 / elapsed, "workers": workers}
+           "mb_per_s": stats["bytes"] / 2**20 / elapsed, "workers": workers,
+           "max_rss_mb": {"main": peak_rss_mb(),
+                          "workers": [rss[pid] for pid in sorted(rss) if pid != os.getpid()]}}
     if todo:
         log(f"{where}preprocessed {stats['documents']} documents, {stats['tokens']} tokens, "
             f"{stats['bytes'] / 2**20:.1f} MB in {elapsed:.1f}s ({run['tokens_per_s']:.0f} tokens/s, "

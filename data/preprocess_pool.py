@@ -5,6 +5,8 @@ goes back to the main process."""
 
 from __future__ import annotations
 
+import os
+import resource
 import signal
 import threading
 from multiprocessing import get_context
@@ -97,7 +99,20 @@ def process_unit(unit, task: dict) -> dict:
     except BaseException:
         writer.abort()
         raise
-    return {"id": unit.id, **stats, "reported": reported, "damaged": damaged, "nbytes": unit.nbytes}
+    return {"id": unit.id, **stats, "reported": reported, "damaged": damaged, "nbytes": unit.nbytes, "pid": os.getpid(),
+            "max_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM, not ru_maxrss, which a process started by fork and exec
+    inherits from its parent (the kernel keeps the larger of the two across exec)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def stop_pool(pool, stopped: bool) -> None:
