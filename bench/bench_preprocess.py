@@ -4,9 +4,10 @@
 
 Trains one SentencePiece BPE tokenizer on the code first (not timed). Then, each run a fresh process into a fresh
 folder: the corpus with 1 worker, 2 workers and all cores (tokens/s and the scaling ratios), and a smaller corpus
-with 2 workers, for peak memory (resident set: VmHWM, see preprocess_pool.peak_rss_mb) of the main process and of each worker at two input sizes. Last, a
-cProfile of one worker doing one unit (--shard-mb of input), its time split into reading (file, JSON, UTF-8),
-tokenizing (SentencePiece) and writing (token arrays, .bin/.idx, manifest).
+with 2 workers, for peak memory (resident set: VmHWM, see preprocess_pool.peak_rss_mb) of the main process and of
+each worker at two input sizes. Last, a cProfile of one worker doing one unit (--shard-mb of input), its time split
+into reading (file, JSON, UTF-8), tokenizing (SentencePiece) and writing (token arrays, .bin/.idx, manifest).
+The machine's load matters: on a shared machine the scaling says more about the other jobs than about this code.
 """
 
 from __future__ import annotations
@@ -92,20 +93,22 @@ def main() -> None:
                 break
         tok = train_sentencepiece(sample, tmp / "sp", args.vocab_size)
         print(f"corpus: stdlib source as JSONL, {len(copies)} copies, {mb:.0f} MiB; SentencePiece BPE "
-              f"{args.vocab_size} pieces trained on {n / 2**20:.1f} MiB of it; {cores} cores; units of {args.shard_mb} MiB")
+              f"{args.vocab_size} pieces trained on {n / 2**20:.1f} MiB of it; {cores} cores; "
+              f"units of {args.shard_mb} MiB")
         shard_bytes = args.shard_mb << 20
         results = {}
         for workers in dict.fromkeys((1, 2, cores)):
             r = results[workers] = run(copies, tmp / f"w{workers}", tok, workers, shard_bytes)
             rss = r["max_rss_mb"]
-            print(f"{mb:.0f} MiB, workers={workers:>2}: {r['documents']} docs, {r['tokens']} tokens in {r['seconds']:.1f}s "
+            print(f"{mb:.0f} MiB, workers={workers:>2}: {r['documents']} docs, {r['tokens']} tokens in "
+                  f"{r['seconds']:.1f}s "
                   f"-> {r['tokens_per_s']:,.0f} tokens/s ({r['tokens_per_s'] / workers:,.0f} per worker), "
                   f"{r['mb_per_s']:.2f} MB/s; peak RSS main {rss['main']:.0f} MiB, workers "
                   f"{', '.join(f'{w:.0f}' for w in rss['workers']) or '(in the main process)'} MiB")
         for workers in results:
             if workers > 1:
-                print(f"scaling 1 -> {workers} workers: {results[workers]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x "
-                      f"tokens/s")
+                ratio = results[workers]["tokens_per_s"] / results[1]["tokens_per_s"]
+                print(f"scaling 1 -> {workers} workers: {ratio:.2f}x tokens/s")
         small = copies[:max(1, round(len(copies) * args.small_mb / mb))]
         r = run(small, tmp / "small", tok, 2, shard_bytes)
         rss = r["max_rss_mb"]

@@ -52,8 +52,8 @@ def check_partitions(out: Path, units: list[Unit], num_partitions: int, index: i
         if i == index and rec["num_partitions"] == num_partitions:
             continue  # this partition's own record, from an earlier run: replaced
         if rec["num_partitions"] != num_partitions:
-            raise PreprocessError(f"{out}: holds partition {i} of a {rec['num_partitions']}-partition run, this run has "
-                                  f"--num-partitions {num_partitions} (run every partition with the same count)")
+            raise PreprocessError(f"{out}: holds partition {i} of a {rec['num_partitions']}-partition run, this run "
+                                  f"has --num-partitions {num_partitions} (run every partition with the same count)")
         if rec["plan"] != digest:
             raise PreprocessError(f"{out}: partition {i} of {num_partitions} planned other work ({len(rec['units'])} "
                                   f"shards from {len(rec['sources'])} inputs, plan {rec['plan']}) than this run "

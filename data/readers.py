@@ -189,7 +189,8 @@ def _read_parquet(path: Path, key: str, start: int = 0, end: int | None = None,
                 yield Document(text, str(path), row)
 
 
-def read_documents(path: Path, fmt: str, key: str, start: int = 0, end: int | None = None) -> Iterator[Document | BadRecord]:
+def read_documents(path: Path, fmt: str, key: str, start: int = 0,
+                   end: int | None = None) -> Iterator[Document | BadRecord]:
     """A whole input, or part of one (end not None): lines starting in bytes [start, end) of an uncompressed
     JSONL file, or row groups [start, end) of a Parquet file."""
     if fmt == "jsonl":

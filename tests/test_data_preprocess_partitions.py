@@ -62,7 +62,7 @@ def test_ranges_cut_anywhere_read_every_record_once(tmp_path):
     whole = [key(d) for d in read_documents(path, "jsonl", "text")]
     size = path.stat().st_size
     for cut in range(size + 1):  # every cut point, including those inside a record and on a newline
-        parts = list(read_documents(path, "jsonl", "text", 0, cut)) + list(read_documents(path, "jsonl", "text", cut, size))
+        parts = [*read_documents(path, "jsonl", "text", 0, cut), *read_documents(path, "jsonl", "text", cut, size)]
         assert [key(d) for d in parts] == whole, cut
 
 
@@ -123,7 +123,6 @@ def test_partition_rerun_redoes_only_its_unfinished_units_and_finalize_names_mis
     monkeypatch.setattr(pool, "read_documents", crash_in_parquet)
     with pytest.raises(KeyboardInterrupt):
         run_preprocess(cfg(corpus, out, num_partitions=3, partition_index=1), log=lambda m: None)
-    done_before = calls[:-1]
     assert [c[0] for c in calls] == ["big.jsonl"] * 3 + ["rows.parquet"]
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*")}
     assert mtp_data(["finalize", str(out)]) == 1
@@ -141,7 +140,8 @@ def test_partition_rerun_redoes_only_its_unfinished_units_and_finalize_names_mis
     for change, named in ((dict(append_eod=False), "append_eod: True in"),
                           (dict(num_partitions=4), "holds partition 0 of a 3-partition run")):
         with pytest.raises(PreprocessError, match=named):
-            run_preprocess(cfg(corpus, out, **{"num_partitions": 3, "partition_index": 2, **change}), log=lambda m: None)
+            run_preprocess(cfg(corpus, out, **{"num_partitions": 3, "partition_index": 2, **change}),
+                           log=lambda m: None)
     (corpus / "extra.txt").write_text("one more input")
     with pytest.raises(PreprocessError, match="partition 0 of 3 planned other work"):
         run_preprocess(cfg(corpus, out, num_partitions=3, partition_index=2), log=lambda m: None)
