@@ -126,10 +126,9 @@ def finalize(out: Path, log=print) -> dict:
     if (out / TOKENIZER_SAMPLE).is_file():
         summary["tokenizer_sample"] = read_manifest(out / TOKENIZER_SAMPLE)
     keep = {u["shard"] for u in plan["units"]}
-    for m in out.glob("shard_*.json"):  # shards of units no longer in the plan (an input changed size)
-        if m.stem not in keep:
-            for p in (m.with_suffix(".idx"), m.with_suffix(".bin"), m):
-                p.unlink(missing_ok=True)
+    for p in [*out.glob("shard_*"), *out.glob(".shard_*.json.tmp-*")]:  # units no longer in the plan (an input
+        if p.name.lstrip(".").split(".")[0] not in keep:                # changed size), done or left unfinished
+            p.unlink(missing_ok=True)
     manifest = out / DATASET_MANIFEST
     if not manifest.is_file() or read_manifest(manifest) != summary:
         write_json_atomic(manifest, summary)

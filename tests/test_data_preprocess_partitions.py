@@ -151,3 +151,27 @@ def test_partition_rerun_redoes_only_its_unfinished_units_and_finalize_names_mis
     assert "pending" not in summary and (out / "dataset.json").is_file()
     run_preprocess(cfg(corpus, tmp_path / "ref"), log=lambda m: None)
     assert documents(out) == documents(tmp_path / "ref")
+
+
+def test_damaged_parquet_split_over_shards_is_left_out_whole(tmp_path, capsys):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(20, 5)))
+    bad = corpus / "rows.parquet"
+    pq.write_table(pa.table({"text": texts(600, 2)}), bad, row_group_size=50, compression="zstd")
+    chunk = pq.ParquetFile(bad).metadata.row_group(3).column(0)  # in the first of its two ranges
+    data = bytearray(bad.read_bytes())
+    middle = chunk.data_page_offset + chunk.total_compressed_size // 2
+    data[middle:middle + 64] = b"\xff" * 64
+    bad.write_bytes(bytes(data))
+    summary = run_preprocess(cfg(corpus, tmp_path / "out", workers=2), log=lambda m: None)
+    assert f"skipped {bad}: damaged after row " in capsys.readouterr().err
+    assert list(summary["skipped_inputs"]) == [str(bad)]
+    tok = load_tokenizer("bytes")
+    assert documents(tmp_path / "out")[1] == [tok.encode(t) + [tok.eod_id] for t in texts(20, 5)]
+    # replaced, it is added by a re-run: the dataset is then what one run over the good inputs gives
+    pq.write_table(pa.table({"text": texts(600, 2)}), bad, row_group_size=50, compression="zstd")
+    summary = run_preprocess(cfg(corpus, tmp_path / "out", workers=2), log=lambda m: None)
+    assert not summary["skipped_inputs"]
+    run_preprocess(cfg(corpus, tmp_path / "ref"), log=lambda m: None)
+    assert documents(tmp_path / "out") == documents(tmp_path / "ref")
