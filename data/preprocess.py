@@ -170,9 +170,6 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
     if not files:
         raise PreprocessError(f"no input files found in {cfg.inputs} (include={cfg.include}, exclude={cfg.exclude})")
     n_parts, part = cfg.num_partitions, cfg.partition_index
-    if cfg.train_tokenizer and n_parts > 1 and not (out / "tokenizer.model").is_file():
-        raise PreprocessError("--train-tokenizer with --num-partitions > 1: partitions must not each train one; train "
-                              f"it first (mtp-preprocess ... --train-tokenizer --output {out}), or pass --tokenizer")
     _prepare_output(out)
     units = plan_units(files, cfg.format, cfg.shard_bytes)
     check_partitions(out, units, n_parts, part)

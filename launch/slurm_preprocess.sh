@@ -8,8 +8,8 @@
 # all its cores (N: the array's size; i: counted from the array's first index, which must be contiguous). The
 # partitions take every N-th unit of one plan (data/preprocess_plan.py); the last to complete writes
 # OUT/dataset.json, and `mtp-data finalize OUT` does it by hand or names the partitions that are not complete.
-# A tokenizer to be trained is trained once first (mtp-preprocess ... --train-tokenizer --output OUT on one node,
-# then --tokenizer OUT/tokenizer.model here): partitions refuse to train one each.
+# With --train-tokenizer, every task that starts before OUT/tokenizer.model exists trains the same one (same bytes);
+# a tokenizer trained beforehand, given as --tokenizer, spends that time once.
 #
 # Stopping: Slurm sends SIGUSR1 to this script 120 s before the time limit (--signal=B:USR1@120). It is passed on to
 # mtp-preprocess as SIGTERM (it stops at once, keeping every complete shard, and exits 143) and the array task

@@ -175,3 +175,20 @@ def test_damaged_parquet_split_over_shards_is_left_out_whole(tmp_path, capsys):
     assert not summary["skipped_inputs"]
     run_preprocess(cfg(corpus, tmp_path / "ref"), log=lambda m: None)
     assert documents(tmp_path / "out") == documents(tmp_path / "ref")
+
+
+def test_partitions_that_each_train_the_tokenizer_train_the_same_one(tmp_path):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(300, 6)))
+    train = dict(tokenizer=None, train_tokenizer=True, vocab_size=300, shard_bytes=1)
+    for i in (1, 0):
+        # partition 0 starts as if partition 1 had not written tokenizer.model yet: it trains one too, which job.json
+        # would refuse if its sha256 differed
+        (tmp_path / "out" / "tokenizer.model").unlink(missing_ok=True)
+        run_preprocess(PreprocessConfig(inputs=[str(corpus)], output=str(tmp_path / "out"), workers=1,
+                                        num_partitions=2, partition_index=i, **train), log=lambda m: None)
+    run_preprocess(PreprocessConfig(inputs=[str(corpus)], output=str(tmp_path / "ref"), workers=1, **train),
+                   log=lambda m: None)
+    (m, docs), (ref_m, ref_docs) = documents(tmp_path / "out"), documents(tmp_path / "ref")
+    assert docs == ref_docs and m["tokenizer_sha256"] == ref_m["tokenizer_sha256"] and len(docs) == 300
