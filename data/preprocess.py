@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import signal
 import sys
 import threading
@@ -126,6 +127,11 @@ def _tokenizer_for_job(cfg: PreprocessConfig, files: list[Path], out: Path, log)
     job = job_settings(cfg, tok)
     old_shards = [m.stem for m in sorted(out.glob("shard_*.json"))]
     recorded = recorded_job(out, old_shards, cfg.train_tokenizer)
+    earlier = not all(re.fullmatch(r"shard_[0-9a-f]{16}", n) for n in old_shards)
+    if earlier or (recorded and "max_shard_tokens" in recorded):
+        raise PreprocessError(f"{out}: written by an earlier mtp-preprocess, whose shards were cut by "
+                              f"--max-shard-tokens; its shards stay readable as they are, but cannot be continued "
+                              f"(choose another --output)")
     check_job(out, recorded, job)
     if not (out / JOB_FILE).is_file():  # first run, or a folder from before job.json
         try:

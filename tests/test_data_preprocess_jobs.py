@@ -200,3 +200,17 @@ def test_unusable_output_is_one_line(tmp_path, capsys, kind):
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1, err
     assert err.startswith(f"mtp-preprocess: output {out}: ") and reason in err
+
+
+def test_folder_of_an_earlier_layout_is_refused_in_one_line(tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "a.jsonl", TEXTS[:3])
+    out = tmp_path / "out"
+    run(out, [inp])
+    job = json.loads((out / "job.json").read_text())
+    job["max_shard_tokens"] = job.pop("shard_bytes")  # as written before the unit plan
+    (out / "job.json").write_text(json.dumps(job))
+    before = snapshot(out)
+    assert main([str(inp), "--output", str(out), "--tokenizer", "bytes", "--workers", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "written by an earlier mtp-preprocess" in err
+    assert snapshot(out) == before
