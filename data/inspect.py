@@ -2,6 +2,7 @@
 
     mtp-data inspect data/code [--decode 3] [--tokenizer tok.model]
     mtp-data merge data/merged data/code data/web/shard_00003 ...
+    mtp-data finalize data/web       # dataset.json of a multi-node mtp-preprocess run
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import numpy as np
 from .console import quiet_on_closed_stdout
 from .indexed_dataset import bin_path, copy_tokens, idx_path, read_counts, write_concatenated_index
 from .manifest import TOOL_VERSION, write_json_atomic
+from .preprocess_finalize import finalize
+from .preprocess_job import PreprocessError
 from .tokenizer import load_tokenizer
 from .verify import open_dataset, shard_id_bounds
 
@@ -118,13 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("merge", help="merge datasets or shards into one .idx/.bin pair")
     m.add_argument("output", help="output prefix (writes OUTPUT.idx, OUTPUT.bin, OUTPUT.json)")
     m.add_argument("datasets", nargs="+")
+    f = sub.add_parser("finalize", help="write dataset.json of an mtp-preprocess folder whose partitions are all "
+                                        "complete (refused, naming those that are not)")
+    f.add_argument("output")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "inspect":
             inspect(args.dataset, args.decode, args.tokenizer, args.vocab_size)
+        elif args.cmd == "finalize":
+            s = finalize(Path(args.output))
+            print(f"wrote {Path(args.output) / 'dataset.json'}: {len(s['shards'])} shards, {s['documents']} documents, "
+                  f"{s['tokens']} tokens")
         else:
             print(f"wrote {merge(args.output, args.datasets)}")
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, PreprocessError) as e:
         print(f"mtp-data: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:

@@ -4,23 +4,25 @@
     mtp-preprocess corpus.parquet --output data/web --tokenizer tok.model --text-key content --workers 16
     mtp-preprocess books/ --output data/bytes --tokenizer bytes        # byte-level (vocab 256)
 
-Output folder: shard_00000.{idx,bin,json}, ..., tokenizer.model and tokenizer_sample.json (when trained
-here: the tokenizer and the sample of the inputs it learned from) and dataset.json, which is written last.
-Inputs are read in order by this process (so a bad record is reported with its file and line), tokenized
-by a pool of workers, and written to shards that close at input boundaries once they hold
---max-shard-tokens. A shard becomes visible only when complete; re-running the same command skips inputs
-already in complete shards and finishes the rest.
+Output folder: shard_<id>.{idx,bin,json}, ..., tokenizer.model and tokenizer_sample.json (when trained
+here: the tokenizer and the sample of the inputs it learned from), job.json (the settings), partition_<i>.json
+(each partition's plan and progress) and dataset.json, which is written last. The inputs are cut into units of
+about --shard-bytes (preprocess_plan.py); each worker reads, tokenizes and writes whole units, one shard each.
+A shard counts only once its manifest is written; re-running the same command redoes only unfinished units.
+Many nodes: run `--num-partitions N --partition-index I` for I = 0..N-1 into one folder (launch/
+slurm_preprocess.sh); the last to finish, or `mtp-data finalize OUT`, writes dataset.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import re
 import signal
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +30,14 @@ from tqdm import tqdm
 
 from mtplm.config import ConfigError, config_error_exit, from_dict, merge, parse_overrides, read_config_file
 
-from .indexed_dataset import IndexedDatasetWriter, token_dtype
-from .manifest import DATASET_MANIFEST, TOOL_VERSION, read_manifest, shard_manifest_path, write_json_atomic
+from .indexed_dataset import token_dtype
+from .manifest import DATASET_MANIFEST, read_manifest, write_json_atomic
+from .preprocess_finalize import (check_partitions, clear_unit, finalize, pending_partitions, record_partition,
+                                  unit_state)
 from .preprocess_job import JOB_FILE, PreprocessError, check_job, job_settings, recorded_job
-from .preprocess_pool import init_worker, start_pool, stop_pool, tokenize_batch
-from .readers import BadInput, BadRecord, discover, input_format, read_documents
+from .preprocess_plan import Unit, partition_units, plan_units
+from .preprocess_pool import init_worker, peak_rss_mb, process_unit, start_pool, stop_pool
+from .readers import discover, input_format
 from .tokenizer import BYTE_TOKENIZER, load_tokenizer, train_sentencepiece
 from .tokenizer_sample import TOKENIZER_SAMPLE, sample_texts
 
@@ -51,10 +56,11 @@ class PreprocessConfig:
     tokenizer_type: str = "bpe"  # bpe or unigram
     tokenizer_sample_mb: int = 200  # text read to train the tokenizer
     append_eod: bool = True
-    max_shard_tokens: int = 500_000_000
+    shard_bytes: int = 128 << 20  # input bytes per shard (and per worker task), about: see preprocess_plan.py
     workers: int = 0  # 0: all cores
     on_error: str = "skip"  # skip (report and count) or fail
-    batch_docs: int = 256  # documents per tokenization task
+    num_partitions: int = 1  # one run per node, each doing its share of the plan into one shared folder
+    partition_index: int = 0
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -69,11 +75,14 @@ class PreprocessConfig:
             raise ConfigError("tokenizer: give exactly one of --tokenizer PATH|bytes and --train-tokenizer")
         if self.tokenizer_type not in ("bpe", "unigram"):
             raise ConfigError(f"tokenizer_type: expected bpe or unigram, got {self.tokenizer_type!r}")
-        for key in ("vocab_size", "max_shard_tokens", "batch_docs", "tokenizer_sample_mb"):
+        for key in ("vocab_size", "shard_bytes", "tokenizer_sample_mb", "num_partitions"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.workers < 0:
             raise ConfigError(f"workers: must be >= 0, got {self.workers}")
+        if not 0 <= self.partition_index < self.num_partitions:
+            raise ConfigError(f"partition_index: must be in [0, {self.num_partitions}) for --num-partitions "
+                              f"{self.num_partitions}, got {self.partition_index}")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -89,27 +98,6 @@ class _Terminated(KeyboardInterrupt):
 
 
 # -- the run --------------------------------------------------------------------------------------------
-class ShardSet:
-    """Shards in the output folder: which inputs are done, and the next shard to write."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.done_inputs: set[str] = set()
-        self.shards: list[str] = []
-        for m in sorted(out.glob("shard_*.json")):
-            prefix = out / m.stem
-            if Path(f"{prefix}.idx").is_file() and Path(f"{prefix}.bin").is_file():
-                self.shards.append(m.stem)
-                self.done_inputs.update(read_manifest(m)["inputs"])
-
-    def remove_leftovers(self) -> None:
-        for stale in list(self.out.glob("*.tmp")) + list(self.out.glob(".*.tmp-*")):
-            stale.unlink()  # leftovers of an interrupted run; their inputs are redone
-
-    def next_prefix(self) -> Path:
-        return self.out / f"shard_{len(self.shards):05d}"
-
-
 def _train_tokenizer(cfg: PreprocessConfig, files: list[Path], out: Path, log) -> None:
     texts, sample = sample_texts(files, [input_format(f, cfg.format) for f in files], cfg.text_key,
                                  cfg.tokenizer_sample_mb * 2**20)
@@ -133,20 +121,17 @@ def _os_error(e: OSError) -> str:
     return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
 
 
-def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
-    """Tokenize cfg.inputs into shards under cfg.output; returns the summary (also in dataset.json).
-
-    A folder holds one job: a re-run with the same tokenizer and settings continues it (or does nothing when
-    it is complete); one with any setting that changes the tokens is refused before anything is written."""
-    out = Path(cfg.output)
-    files = discover(cfg.inputs, cfg.include, cfg.exclude)
-    if not files:
-        raise PreprocessError(f"no input files found in {cfg.inputs} (include={cfg.include}, exclude={cfg.exclude})")
+def _tokenizer_for_job(cfg: PreprocessConfig, files: list[Path], out: Path, log):
+    """Check the folder's job.json against this run (writing it on the first run); the tokenizer to use."""
     tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None
-    _prepare_output(out)
-    shards = ShardSet(out)
     job = job_settings(cfg, tok)
-    recorded = recorded_job(out, shards.shards, cfg.train_tokenizer)
+    old_shards = [m.stem for m in sorted(out.glob("shard_*.json"))]
+    recorded = recorded_job(out, old_shards, cfg.train_tokenizer)
+    earlier = not all(re.fullmatch(r"shard_[0-9a-f]{16}", n) for n in old_shards)
+    if earlier or (recorded and "max_shard_tokens" in recorded):
+        raise PreprocessError(f"{out}: written by an earlier mtp-preprocess, whose shards were cut by "
+                              f"--max-shard-tokens; its shards stay readable as they are, but cannot be continued "
+                              f"(choose another --output)")
     check_job(out, recorded, job)
     if not (out / JOB_FILE).is_file():  # first run, or a folder from before job.json
         try:
@@ -163,167 +148,126 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
         check_job(out, recorded, job)
         if recorded != job:
             write_json_atomic(out / JOB_FILE, job)
-    tok_spec = BYTE_TOKENIZER if tok.path is None else str(tok.path.resolve())
-    dtype = token_dtype(tok.vocab_size)
-    eod = tok.eod_id if cfg.append_eod else None
-    shards.remove_leftovers()
-    todo = [f for f in files if str(f) not in shards.done_inputs]
-    if len(todo) < len(files):
-        log(f"resuming: {len(files) - len(todo)} of {len(files)} inputs are already in complete shards")
+    return tok
 
-    stats = dict(documents=0, tokens=0, bytes=0, empty=0, errors=0)
-    workers = cfg.workers or os.cpu_count() or 1
-    pool = start_pool(workers, tok_spec) if workers > 1 and todo else None
-    if pool is None and todo:
+
+def _results(units: list[Unit], task: dict, workers: int, tok_spec: str):
+    """process_unit's results as units complete: in a pool of workers, or here with one worker."""
+    if workers == 1:
         init_worker(tok_spec)
-    bar = tqdm(total=sum(f.stat().st_size for f in todo), unit="B", unit_scale=True, desc="preprocess",
-               disable=None, file=sys.stderr)
-    t0 = time.time()
-    writer, shard_inputs, mark = None, [], None
-    pending: deque = deque()
-    in_flight = 2 * workers if pool else 0  # bounded work in flight: memory stays flat on huge inputs
-
-    def write(arrays):
-        nonlocal writer
-        if writer is None:
-            writer = IndexedDatasetWriter(shards.next_prefix(), dtype)
-        for a in arrays:
-            writer.add(a)
-            stats["documents"] += 1
-            stats["tokens"] += len(a)
-
-    def drain(limit):
-        # Results are written in input order; an input's end marker closes the shard once it is full, so
-        # shards end only between inputs while tokenization of later inputs continues in the pool.
-        nonlocal mark
-        while len(pending) > limit:
-            kind, item = pending.popleft()
-            if kind == "batch":
-                write(item.get() if pool else item)
-            elif kind == "start":  # where to roll back to if this input turns out to be damaged
-                mark = (stats["documents"], stats["tokens"], None if writer is None else writer.position())
-            else:
-                path, size = item
-                shard_inputs.append(str(path))
-                bar.update(size)
-                elapsed = max(time.time() - t0, 1e-9)
-                bar.set_postfix_str(f"{stats['documents'] / elapsed:.0f} docs/s {stats['tokens'] / elapsed:.0f} tok/s")
-                if writer is not None and writer.n_tokens >= cfg.max_shard_tokens:
-                    finish_shard()
-
-    def drop_input():
-        # Forget a damaged input's documents: those still queued, then those already written (all in the
-        # current shard, which closes only between inputs).
-        nonlocal writer
-        while pending and pending[-1][0] != "start":
-            pending.pop()
-        if pending:
-            pending.pop()
-            return
-        stats["documents"], stats["tokens"], kept = mark
-        if kept is None:
-            if writer is not None:
-                writer.abort()
-            writer = None
-        else:
-            writer.rollback(kept)
-
-    def finish_shard():
-        nonlocal writer, shard_inputs
-        prefix = writer.finish()
-        # The shard manifest is what marks its inputs done, so it is written after the pair is in place.
-        write_json_atomic(shard_manifest_path(prefix), {
-            "inputs": shard_inputs, "documents": len(writer.lengths), "tokens": writer.n_tokens,
-            "max_token_id": writer.max_id, "dtype": str(dtype), "tokenizer_sha256": tok.sha256,
-            "vocab_size": tok.vocab_size, "eod_id": eod, "tool_version": TOOL_VERSION})
-        shards.shards.append(prefix.name)
-        shards.done_inputs.update(shard_inputs)
-        writer, shard_inputs = None, []
-
-    def submit(batch):
-        pending.append(("batch", pool.apply_async(tokenize_batch, (batch, eod, dtype)) if pool else tokenize_batch(batch, eod, dtype)))
-        drain(in_flight)
-
+        for u in units:
+            yield process_unit(u, task)
+        return
+    pool = start_pool(workers, tok_spec)
     try:
-        for path in todo:
-            batch: list[str] = []
-            pending.append(("start", path))
-            input_bytes, damaged = 0, None
-            for doc in read_documents(path, input_format(path, cfg.format), cfg.text_key):
-                if isinstance(doc, BadRecord):
-                    stats["errors"] += 1
-                    if cfg.on_error == "fail":
-                        raise PreprocessError(f"{doc} (use --on-error skip to skip and count such "
-                                              f"{'inputs' if isinstance(doc, BadInput) else 'records'})")
-                    if isinstance(doc, BadInput):
-                        damaged = doc
-                        break
-                    tqdm.write(f"skipped {doc}", file=sys.stderr)
-                    continue
-                if not doc.text.strip():
-                    stats["empty"] += 1
-                    continue
-                input_bytes += len(doc.text.encode("utf-8", errors="ignore"))
-                batch.append(doc.text)
-                if len(batch) >= cfg.batch_docs:
-                    submit(batch)
-                    batch = []
-            if damaged is not None:
-                # Not marked done: a re-run after the file is replaced adds it.
-                tqdm.write(f"skipped {damaged} (the whole input; none of its documents are kept)", file=sys.stderr)
-                drop_input()
-                bar.update(path.stat().st_size)
-                continue
-            stats["bytes"] += input_bytes
-            if batch:
-                submit(batch)
-            pending.append(("end", (path, path.stat().st_size)))
-            drain(in_flight)
-        drain(0)
-        if writer is not None:
-            finish_shard()
-    except KeyboardInterrupt as e:
-        if writer is not None:
-            writer.abort()
+        yield from pool.imap_unordered(functools.partial(process_unit, task=task), units)
+    finally:
+        stop_pool(pool, stopped=sys.exc_info()[0] is not None)
+
+
+def run_preprocess(cfg: PreprocessConfig, log=print) -> dict:
+    """Tokenize cfg.inputs (this partition's share) into shards under cfg.output; returns the summary, which is
+    also dataset.json once every partition is complete.
+
+    A folder holds one job: a re-run with the same tokenizer and settings continues it (or does nothing when
+    it is complete); one with any setting that changes the tokens is refused before anything is written."""
+    out = Path(cfg.output)
+    files = discover(cfg.inputs, cfg.include, cfg.exclude)
+    if not files:
+        raise PreprocessError(f"no input files found in {cfg.inputs} (include={cfg.include}, exclude={cfg.exclude})")
+    n_parts, part = cfg.num_partitions, cfg.partition_index
+    _prepare_output(out)
+    units = plan_units(files, cfg.format, cfg.shard_bytes)
+    check_partitions(out, units, n_parts, part)
+    tok = _tokenizer_for_job(cfg, files, out, log)
+    tok_spec = BYTE_TOKENIZER if tok.path is None else str(tok.path.resolve())
+    mine = partition_units(units, n_parts, part)
+    todo = [u for u in mine if unit_state(out, u) != "done"]
+    for u in todo:
+        clear_unit(out, u)
+    where = f"partition {part} of {n_parts}: " if n_parts > 1 else ""
+    if len(todo) < len(mine):
+        done_inputs = _done_inputs(out, units)
+        log(f"{where}resuming: {len(done_inputs)} of {len(files)} inputs are already in complete shards "
+            f"({len(mine) - len(todo)} of {len(mine)} shards done)")
+    record_partition(out, units, n_parts, part, complete=False) if todo else None
+
+    task = dict(out=str(out), format=cfg.format, text_key=cfg.text_key, on_error=cfg.on_error,
+                eod=tok.eod_id if cfg.append_eod else None, dtype=str(token_dtype(tok.vocab_size)),
+                tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size)
+    stats = dict(documents=0, tokens=0, bytes=0, empty=0, errors=0)
+    workers = min(cfg.workers or os.cpu_count() or 1, max(len(todo), 1))
+    bar = tqdm(total=sum(u.nbytes for u in todo), unit="B", unit_scale=True, desc="preprocess", disable=None,
+               file=sys.stderr)
+    t0, rss = time.time(), {}
+    results = _results(todo, task, workers, tok_spec)
+    try:
+        for r in results:
+            if "fail" in r:
+                raise PreprocessError(f"{r['fail']} (use --on-error skip to skip and count such "
+                                      f"{'inputs' if r['input'] else 'records'})")
+            for line in r["reported"]:
+                tqdm.write(f"skipped {line}", file=sys.stderr)
+            if r["errors"] > len(r["damaged"]) + len(r["reported"]):
+                tqdm.write(f"skipped {r['errors'] - len(r['damaged']) - len(r['reported'])} more bad records in "
+                           f"shard_{r['id']} (see its manifest)", file=sys.stderr)
+            for why in r["damaged"].values():
+                tqdm.write(f"skipped {why} (the whole input; none of its documents are kept)", file=sys.stderr)
+            for k in stats:
+                stats[k] += r[k]
+            rss[r["pid"]] = max(rss.get(r["pid"], 0), r["max_rss_mb"])
+            bar.update(r["nbytes"])
+            elapsed = max(time.time() - t0, 1e-9)
+            bar.set_postfix_str(f"{stats['documents'] / elapsed:.0f} docs/s {stats['tokens'] / elapsed:.0f} tok/s")
+    except BaseException as e:
+        results.close()  # the workers are stopped before what they leave of unfinished units is removed
+        for u in todo:
+            if unit_state(out, u) == "todo":
+                clear_unit(out, u)
+        if not isinstance(e, KeyboardInterrupt):
+            raise
         signum = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
-        done = sum(str(f) in shards.done_inputs for f in files)
-        raise Interrupted(f"stopped by {signal.Signals(signum).name}: {out} has {len(shards.shards)} complete shards "
-                          f"holding {done} of {len(files)} inputs; re-run the same command to continue", signum) from None
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
+        n_done = sum(unit_state(out, u) == "done" for u in units)
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}: {where}{out} has {n_done} complete shards "
+                          f"holding {len(_done_inputs(out, units))} of {len(files)} inputs; re-run the same command to "
+                          f"continue", signum) from None
     finally:
         bar.close()
-        if pool is not None:
-            stop_pool(pool, stopped=sys.exc_info()[0] is not None)
+    record_partition(out, units, n_parts, part, complete=True)
 
     elapsed = max(time.time() - t0, 1e-9)
-    totals = {"documents": 0, "tokens": 0, "max_token_id": -1}
-    for name in shards.shards:
-        m = read_manifest(out / f"{name}.json")
-        totals["documents"] += m["documents"]
-        totals["tokens"] += m["tokens"]
-        totals["max_token_id"] = max(totals["max_token_id"], m["max_token_id"])
-    summary = {
-        "shards": shards.shards, "tokenizer": tok_spec, "tokenizer_sha256": tok.sha256,
-        "vocab_size": tok.vocab_size, "eod_id": eod, "dtype": str(dtype), **totals,
-        "sources": [str(f) for f in files], "tool_version": TOOL_VERSION,
-    }
-    if cfg.train_tokenizer and (out / TOKENIZER_SAMPLE).is_file():
-        summary["tokenizer_sample"] = read_manifest(out / TOKENIZER_SAMPLE)
     run = {**stats, "seconds": elapsed, "tokens_per_s": stats["tokens"] / elapsed,
-           "mb_per_s": stats["bytes"] / 2**20 / elapsed, "workers": workers}
-    manifest = out / DATASET_MANIFEST
-    if not todo and manifest.is_file() and read_manifest(manifest) == summary:
-        log(f"nothing to do: dataset {out} is complete ({len(shards.shards)} shards, {totals['tokens']} tokens)")
-        return {**summary, "run": run}
-    write_json_atomic(manifest, summary)
-    log(f"preprocessed {stats['documents']} documents, {stats['tokens']} tokens, {stats['bytes'] / 2**20:.1f} MB "
-        f"in {elapsed:.1f}s ({run['tokens_per_s']:.0f} tokens/s, {run['mb_per_s']:.2f} MB/s, {workers} workers); "
-        f"skipped {stats['empty']} empty documents and {stats['errors']} bad records; dataset {out} now has "
-        f"{len(shards.shards)} shards, {totals['tokens']} tokens")
+           "mb_per_s": stats["bytes"] / 2**20 / elapsed, "workers": workers,
+           "max_rss_mb": {"main": peak_rss_mb(),
+                          "workers": [rss[pid] for pid in sorted(rss) if pid != os.getpid()]}}
+    if todo:
+        log(f"{where}preprocessed {stats['documents']} documents, {stats['tokens']} tokens, "
+            f"{stats['bytes'] / 2**20:.1f} MB in {elapsed:.1f}s ({run['tokens_per_s']:.0f} tokens/s, "
+            f"{run['mb_per_s']:.2f} MB/s, {workers} workers); skipped {stats['empty']} empty documents and "
+            f"{stats['errors']} bad records")
+    pending = pending_partitions(out)
+    if pending:
+        log(f"{where}complete; {DATASET_MANIFEST} is written when the others are ({'; '.join(pending)}): by the last "
+            f"to finish, or by mtp-data finalize {out}")
+        return {"shards": [u.shard for u in mine], "run": run, "pending": pending}
+    had = (out / DATASET_MANIFEST).is_file()
+    summary = finalize(out)
+    if not todo and had:
+        log(f"nothing to do: dataset {out} is complete ({len(summary['shards'])} shards, {summary['tokens']} tokens)")
+    else:
+        log(f"dataset {out} is complete: {len(summary['shards'])} shards, {summary['documents']} documents, "
+            f"{summary['tokens']} tokens")
     return {**summary, "run": run}
+
+
+def _done_inputs(out: Path, units: list[Unit]) -> set[str]:
+    """Inputs all of whose units are done."""
+    state: dict[str, bool] = {}
+    for u in units:
+        ok = unit_state(out, u) == "done"
+        for f in u.files:
+            state[f] = state.get(f, True) and ok
+    return {f for f, ok in state.items() if ok}
 
 
 def _ignore(signum, frame):
@@ -344,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Options: --output DIR, --tokenizer PATH|bytes or --train-tokenizer "
                                             "--vocab-size N [--tokenizer-type bpe|unigram], --text-key KEY, "
                                             "--format auto|text|jsonl|parquet, --include PAT, --exclude PAT, "
-                                            "--max-shard-tokens N, --workers N, --on-error skip|fail, "
+                                            "--shard-bytes N, --workers N, --on-error skip|fail, "
+                                            "--num-partitions N --partition-index I, "
                                             "--no-eod, --config FILE (YAML/JSON of these keys)")
     parser.add_argument("inputs", nargs="*")
     parser.add_argument("--config")

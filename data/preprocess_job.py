@@ -18,15 +18,15 @@ JOB_FILE = "job.json"
 # Compared in this order; inputs, include/exclude, workers and on_error may change between runs
 # (adding inputs to a dataset is a new run of the same job).
 JOB_KEYS = ("tokenizer", "tokenizer_sha256", "vocab_size", "tokenizer_type", "tokenizer_sample_mb", "append_eod",
-            "format", "text_key", "max_shard_tokens")
+            "format", "text_key", "shard_bytes")
 # Settings that change how tokens are cut into shards, not the tokens. Still refused: a continued run must write
 # the very shards (and bytes) one uninterrupted run would.
-LAYOUT_KEYS = ("max_shard_tokens",)
+LAYOUT_KEYS = ("shard_bytes",)
 
 
 def job_settings(cfg, tok) -> dict:
     job = {"format": cfg.format, "text_key": cfg.text_key, "append_eod": cfg.append_eod,
-           "max_shard_tokens": cfg.max_shard_tokens}
+           "shard_bytes": cfg.shard_bytes}
     if cfg.train_tokenizer:  # the tokenizer's sha256 is known once it is trained
         job.update(tokenizer="trained", vocab_size=cfg.vocab_size, tokenizer_type=cfg.tokenizer_type,
                    tokenizer_sample_mb=cfg.tokenizer_sample_mb)

@@ -31,8 +31,11 @@ class BadRecord:
     source: str
     line: int
     reason: str
+    byte: int | None = None  # where the record starts, for a byte range read without counting the lines before it
 
     def __str__(self) -> str:
+        if self.byte is not None:
+            return f"{self.source}: record at byte {self.byte}: {self.reason}"
         return f"{self.source}:{self.line}: {self.reason}"
 
 
@@ -105,38 +108,55 @@ def _read_text(path: Path) -> Iterator[Document | BadRecord]:
         yield BadRecord(str(path), line, f"not valid UTF-8 (byte {e.start})")
 
 
-def _read_jsonl(path: Path, key: str) -> Iterator[Document | BadRecord]:
+def _lines(f, start: int, end: int | None):
+    """(line number, byte offset, line) of the lines that start in [start, end): a range begins at the first
+    line starting at or after `start`, so ranges cut anywhere split a file into whole records exactly once."""
+    pos = 0
+    if start:
+        f.seek(start - 1)
+        pos = start - 1 + len(f.readline())  # the rest of the line holding byte start-1 belongs to the range before
+    for n, raw in enumerate(f, start=1):
+        if end is not None and pos >= end:
+            return
+        yield n, pos, raw
+        pos += len(raw)
+
+
+def _read_jsonl(path: Path, key: str, start: int = 0, end: int | None = None) -> Iterator[Document | BadRecord]:
     opener = gzip.open if path.name.endswith(".gz") else open
     n = 0
     try:
         with opener(path, "rb") as f:
-            for n, raw in enumerate(f, start=1):
+            for n, pos, raw in _lines(f, start, end):
                 if not raw.strip():
                     continue
+                at = pos if start else None  # lines are counted from a range's start: name the record by byte
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    yield BadRecord(str(path), n, f"not valid UTF-8 (byte {e.start} of the line)")
+                    yield BadRecord(str(path), n, f"not valid UTF-8 (byte {e.start} of the line)", at)
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield BadRecord(str(path), n, f"not valid JSON ({e.msg} at column {e.colno})")
+                    yield BadRecord(str(path), n, f"not valid JSON ({e.msg} at column {e.colno})", at)
                     continue
                 if not isinstance(record, dict) or key not in record:
                     yield BadRecord(str(path), n, f"no {key!r} field (expected a JSON object with a string {key!r}; "
-                                                  f"choose the field with --text-key)")
+                                                  f"choose the field with --text-key)", at)
                     continue
                 text = record[key]
                 if not isinstance(text, str):
-                    yield BadRecord(str(path), n, f"field {key!r} is {type(text).__name__}, expected a string")
+                    yield BadRecord(str(path), n, f"field {key!r} is {type(text).__name__}, expected a string", at)
                     continue
                 yield Document(text, str(path), n)
     except (OSError, EOFError, zlib.error) as e:  # gzip's errors for a file that is not, or no longer, whole
         yield _damage(path, e, n)
 
 
-def _read_parquet(path: Path, key: str, batch_rows: int = 1024) -> Iterator[Document | BadRecord]:
+def _read_parquet(path: Path, key: str, start: int = 0, end: int | None = None,
+                  batch_rows: int = 1024) -> Iterator[Document | BadRecord]:
+    """Rows of row groups [start, end) (all when end is None), numbered from the file's first row."""
     import pyarrow.parquet as pq
 
     try:
@@ -147,8 +167,9 @@ def _read_parquet(path: Path, key: str, batch_rows: int = 1024) -> Iterator[Docu
     if key not in pf.schema_arrow.names:
         yield BadInput(str(path), 0, f"no column {key!r}; columns are {pf.schema_arrow.names} (choose with --text-key)")
         return
-    row = 0
-    batches = pf.iter_batches(columns=[key], batch_size=batch_rows)
+    groups = range(start, pf.num_row_groups if end is None else end)
+    row = sum(pf.metadata.row_group(g).num_rows for g in range(start))
+    batches = pf.iter_batches(columns=[key], batch_size=batch_rows, row_groups=groups)
     while True:
         # Record batches keep memory bounded by batch_rows, whatever the file's size.
         try:
@@ -168,9 +189,12 @@ def _read_parquet(path: Path, key: str, batch_rows: int = 1024) -> Iterator[Docu
                 yield Document(text, str(path), row)
 
 
-def read_documents(path: Path, fmt: str, key: str) -> Iterator[Document | BadRecord]:
+def read_documents(path: Path, fmt: str, key: str, start: int = 0,
+                   end: int | None = None) -> Iterator[Document | BadRecord]:
+    """A whole input, or part of one (end not None): lines starting in bytes [start, end) of an uncompressed
+    JSONL file, or row groups [start, end) of a Parquet file."""
     if fmt == "jsonl":
-        return _read_jsonl(path, key)
+        return _read_jsonl(path, key, start, end)
     if fmt == "parquet":
-        return _read_parquet(path, key)
+        return _read_parquet(path, key, start, end)
     return _read_text(path)

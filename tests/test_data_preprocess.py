@@ -101,26 +101,26 @@ def test_interrupted_run_resumes_without_redoing_complete_inputs(tmp_path, monke
         p = tmp_path / f"in{i}.jsonl"
         write_jsonl(p, [{"text": f"document {i}.{j}"} for j in range(3)])
         inputs.append(p)
-    import mtplm.data.preprocess as pre
+    import mtplm.data.preprocess_pool as pool
 
-    real = pre.read_documents
+    real = pool.read_documents
     calls = []
 
-    def crash_on_third(path, fmt, key):
+    def crash_on_third(path, *args):
         calls.append(path.name)
         if path.name == "in2.jsonl":
             raise KeyboardInterrupt  # the run is killed while reading input 3
-        return real(path, fmt, key)
+        return real(path, *args)
 
-    monkeypatch.setattr(pre, "read_documents", crash_on_third)
+    monkeypatch.setattr(pool, "read_documents", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, inputs, max_shard_tokens=1)  # a shard per input
+        run(tmp_path, inputs, shard_bytes=1)  # a shard per input
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.glob("*.idx")) == ["shard_00000.idx", "shard_00001.idx"]
+    assert len(list(out.glob("shard_*.idx"))) == 2 and len(list(out.glob("shard_*.json"))) == 2
     assert not (out / "dataset.json").exists() and not list(out.glob("*.tmp"))
-    monkeypatch.setattr(pre, "read_documents", lambda p, f, k: calls.append(p.name) or real(p, f, k))
+    monkeypatch.setattr(pool, "read_documents", lambda p, *a: calls.append(p.name) or real(p, *a))
     calls.clear()
-    summary = run(tmp_path, inputs, max_shard_tokens=1)
+    summary = run(tmp_path, inputs, shard_bytes=1)
     assert calls == ["in2.jsonl", "in3.jsonl"]
     assert summary["documents"] == 12 and len(summary["shards"]) == 4
     assert decoded_documents(out, "bytes") == [f"document {i}.{j}" for i in range(4) for j in range(3)]

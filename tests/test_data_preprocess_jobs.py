@@ -53,8 +53,8 @@ TOKENS, LAYOUT = "refusing to mix tokenizations", "refusing to change its shard 
     (dict(text_key="content"), "text_key: 'text' in", TOKENS),
     (dict(format="text"), "format: 'auto' in", TOKENS),
     # shard size does not change the tokens, but a continued run must write the shards one run would have
-    (dict(max_shard_tokens=7), "max_shard_tokens: 500000000 in", LAYOUT),
-    (dict(max_shard_tokens=7, append_eod=False), "append_eod: True in", TOKENS),
+    (dict(shard_bytes=7), "shard_bytes: 134217728 in", LAYOUT),
+    (dict(shard_bytes=7, append_eod=False), "append_eod: True in", TOKENS),
 ])
 def test_rerun_with_other_settings_is_refused_before_writing(tmp_path, sp_model, change, named, reason):
     inp = write_jsonl(tmp_path / "a.jsonl", TEXTS[:5])
@@ -67,8 +67,8 @@ def test_rerun_with_other_settings_is_refused_before_writing(tmp_path, sp_model,
         run(out, [inp, tmp_path / "b.jsonl"], **kw)
     assert named in str(e.value) and "in this run" in str(e.value)
     assert (TOKENS in str(e.value)) == (reason == TOKENS)  # a layout change alone is not called a tokenization
-    if "max_shard_tokens" in change:  # named, whatever else differs
-        assert "max_shard_tokens: 500000000 in" in str(e.value) and "layout" in str(e.value)
+    if "shard_bytes" in change:  # named, whatever else differs
+        assert "shard_bytes: 134217728 in" in str(e.value) and "layout" in str(e.value)
     if change == "sentencepiece":  # both tokenizers named
         assert "'bytes' in" not in str(e.value)
         assert load_tokenizer("bytes").sha256 in str(e.value) and load_tokenizer(sp_model).sha256 in str(e.value)
@@ -93,14 +93,14 @@ def test_rerun_of_a_trained_job_with_other_tokenizer_settings_is_refused(tmp_pat
 def test_same_job_continues_and_a_complete_job_is_a_no_op(tmp_path, sp_model):
     a, b = write_jsonl(tmp_path / "a.jsonl", TEXTS[:20]), write_jsonl(tmp_path / "b.jsonl", TEXTS[20:])
     out = tmp_path / "out"
-    run(out, [a], tokenizer=str(sp_model))
+    run(out, [a], tokenizer=str(sp_model), shard_bytes=1)  # a shard per input
     # The same tokenizer by another path (same sha256) and one input more: the job continues.
     copy = tmp_path / "copy.model"
     copy.write_bytes(sp_model.read_bytes())
-    summary, _ = run(out, [a, b], tokenizer=str(copy))
-    assert summary["documents"] == len(TEXTS) and len(summary["shards"]) == 2
+    summary, logs = run(out, [a, b], tokenizer=str(copy), shard_bytes=1)
+    assert summary["documents"] == len(TEXTS) and len(summary["shards"]) == 2 and "resuming: 1 of 2" in logs[0]
     before = snapshot(out)
-    summary2, logs = run(out, [a, b], tokenizer=str(copy), workers=2)
+    summary2, logs = run(out, [a, b], tokenizer=str(copy), workers=2, shard_bytes=1)
     assert snapshot(out) == before and "nothing to do" in logs[-1]
     assert {k: v for k, v in summary2.items() if k != "run"} == {k: v for k, v in summary.items() if k != "run"}
 
@@ -150,19 +150,21 @@ def test_damaged_compressed_input_is_skipped_whole(tmp_path, capsys, kind, posit
     good = [write_jsonl(tmp_path / "1.jsonl", TEXTS[:7]), write_jsonl(tmp_path / "3.jsonl", TEXTS[7:12])]
     bad = damaged(tmp_path / f"{2 * position}.jsonl.gz", kind)  # inputs are taken in sorted order
     inputs = good[:position] + [bad] + good[position:]
-    summary, _ = run(tmp_path / "out", inputs, batch_docs=2, workers=workers)
+    summary, _ = run(tmp_path / "out", inputs, workers=workers)  # all three inputs in one shard
     err = capsys.readouterr().err
     assert f"skipped {bad}: {REASONS[kind]}" in err and "Traceback" not in err
-    assert summary["run"]["errors"] == 1 and summary["documents"] == 12
+    assert summary["run"]["errors"] == 1 and summary["documents"] == 12 and len(summary["shards"]) == 1
+    assert list(summary["skipped_inputs"]) == [str(bad)] and REASONS[kind] in summary["skipped_inputs"][str(bad)]
     # Exactly what the good inputs alone give: no document of the damaged one is kept, even those read and
     # written before the damage was found.
-    run(tmp_path / "ref", [g for g in inputs if g != bad], batch_docs=2)
-    shards = lambda d: {k: v for k, v in contents(d).items() if k.startswith("shard_") and not k.endswith(".json")}
-    assert shards(tmp_path / "out") == shards(tmp_path / "ref")
-    # It is not marked done: once replaced, a re-run adds it.
+    run(tmp_path / "ref", [g for g in inputs if g != bad])
+    bins = lambda d: sorted(p.read_bytes() for p in d.glob("shard_*.bin"))
+    assert bins(tmp_path / "out") == bins(tmp_path / "ref")
+    # Its shard is redone by a re-run: once the input is replaced, it is added.
     write_jsonl(bad, TEXTS[12:15], gz=True)
-    summary, _ = run(tmp_path / "out", inputs, batch_docs=2)
-    assert summary["documents"] == 15 and len(summary["shards"]) == 2
+    summary, _ = run(tmp_path / "out", inputs)
+    assert summary["documents"] == 15 and len(summary["shards"]) == 1 and not summary["skipped_inputs"]
+    assert bins(tmp_path / "out") == bins(run(tmp_path / "fresh", inputs)[0] and tmp_path / "fresh")
 
 
 @pytest.mark.parametrize("kind", ["not gzip", "truncated"])
@@ -198,3 +200,17 @@ def test_unusable_output_is_one_line(tmp_path, capsys, kind):
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1, err
     assert err.startswith(f"mtp-preprocess: output {out}: ") and reason in err
+
+
+def test_folder_of_an_earlier_layout_is_refused_in_one_line(tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "a.jsonl", TEXTS[:3])
+    out = tmp_path / "out"
+    run(out, [inp])
+    job = json.loads((out / "job.json").read_text())
+    job["max_shard_tokens"] = job.pop("shard_bytes")  # as written before the unit plan
+    (out / "job.json").write_text(json.dumps(job))
+    before = snapshot(out)
+    assert main([str(inp), "--output", str(out), "--tokenizer", "bytes", "--workers", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "written by an earlier mtp-preprocess" in err
+    assert snapshot(out) == before

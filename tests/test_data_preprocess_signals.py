@@ -31,10 +31,10 @@ def test_signal_to_process_group_stops_in_one_line_and_rerun_completes(tmp_path,
     make_inputs(tmp_path / "in")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "mtplm.data.preprocess", str(tmp_path / "in"), "--output", str(out),
-           "--tokenizer", "bytes", "--workers", "2", "--max-shard-tokens", "1"]
+           "--tokenizer", "bytes", "--workers", "2", "--shard-bytes", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not (out / "shard_00000.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not any(out.glob("shard_*.json")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     try:
         os.killpg(proc.pid, signum)  # as a terminal's Ctrl-C or scancel does: main process and workers together
@@ -53,5 +53,5 @@ def test_signal_to_process_group_stops_in_one_line_and_rerun_completes(tmp_path,
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and f"resuming: {n_shards} of 200 inputs" in rerun.stdout, rerun.stderr
     run_preprocess(PreprocessConfig(inputs=[str(tmp_path / "in")], output=str(tmp_path / "ref"), tokenizer="bytes",
-                                    workers=1, max_shard_tokens=1), log=lambda m: None)
+                                    workers=1, shard_bytes=1), log=lambda m: None)
     assert contents(out) == contents(tmp_path / "ref")
