@@ -2,6 +2,7 @@
 
     mtp-demo                                   # trains the model this uses by default (runs/demo/final)
     python bench/bench_speculative.py [--model runs/demo/final] [--max-new-tokens 64] [--prompts 8] [--repeats 3]
+    python bench/bench_speculative.py --compile --dtype bfloat16     # on a GPU: compiled steps, CUDA graphs
 
 For k = 0 (plain, head 1 only) .. n-1 draft heads, batch sizes 1 and 8, on code prompts (this repository's
 own sources, which the demo never trains on) and text prompts (the English of Python's LICENSE): tokens/s,
@@ -21,6 +22,9 @@ Each configuration runs --repeats times, interleaved, and the fastest run counts
 Greedy outputs are compared with plain decoding on every run; any sequence that differs is counted and reported
 (in float32 on the CPU none may; on a GPU, and in bfloat16, verifying k+1 positions in one forward rounds
 differently from one position at a time, so a near-tie in head 1's logits can flip: --dtype shows how often).
+--compile: every k runs the compiled static-shape step (inference/static_decode.py; one compilation per batch
+size and k, in the warm-up), and eager plain decoding runs beside it: its tokens/s and the compiled/eager ratio
+are printed after each table block, and the 'differ' column counts outputs unlike eager plain decoding's.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled static-shape decoding steps (CUDA graphs on a GPU), beside eager plain decoding")
     args = p.parse_args()
     path = Path(args.model)
     if not path.exists():
@@ -70,51 +76,66 @@ def main() -> None:
     model = load_any(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device=device, dtype=getattr(torch, args.dtype))
-    tok = load_tokenizer(path / "tokenizer.model")
+    tok_file = path / "tokenizer.model"
+    if not tok_file.is_file() and model.cfg.vocab_size != 256:
+        sys.exit(f"{path} has no tokenizer.model (only a 256-token vocabulary is taken as bytes without one)")
+    tok = load_tokenizer(tok_file if tok_file.is_file() else "bytes")
     gen = MTPGenerator(model)
     n = model.cfg.n_future_tokens
     print(f"model {path} (n={n}, {sum(x.numel() for x in model.parameters()) / 1e6:.1f}M params) on "
           f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, {args.dtype}; {args.max_new_tokens} new tokens, "
-          f"greedy")
+          f"greedy{', compiled decoding steps' if args.compile else ''}")
     numel = lambda module: sum(x.numel() for x in module.parameters())  # noqa: E731
     trunk, head, unembed = sum(numel(b) for b in model.layers[:-1]), numel(model.layers[-1]), model.output.weight.numel()
     print(f"{'prompts':>7} {'batch':>5} {'k':>2} {'tokens/s':>9} {'tok/fwd':>8} {'speedup':>8} {'speedup/tpf':>11} "
           f"{'fwd ratio':>9} {'step cost':>9} {'weight bound':>12} {'differ':>6}  acceptance by draft position")
     mismatched = 0
+    # With --compile every k runs compiled, and eager plain decoding beside them: the baseline and the reference
+    # the outputs are compared with.
+    runs = [(k, args.compile) for k in range(n)] + [(0, False)] * args.compile
     for name, prompts in (("code", code_prompts(tok, args.prompts, args.prompt_tokens)),
                           ("text", text_prompts(tok, args.prompts, args.prompt_tokens))):
         for bs in args.batch_sizes:
             batches = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
-            gen.generate(batches[0], 4, draft_heads=0)  # warm-up
-            best: dict[int, GenerationStats] = {}
-            differ = dict.fromkeys(range(n), 0)  # sequences unlike plain decoding's, worst run
+            for k, compiled in runs:  # warm-up; compiling: each (batch size, k) compiles its own step here
+                for batch in batches:
+                    gen.generate(batch, args.max_new_tokens if compiled else 4, draft_heads=k, compile=compiled)
+            best: dict[tuple[int, bool], GenerationStats] = {}
+            outputs = {}
+            differ = dict.fromkeys(runs, 0)  # sequences unlike plain (eager) decoding's, worst run
             for _ in range(args.repeats):
-                for k in range(n):
+                for run in reversed(runs):  # eager plain first: the reference
                     outs, total = [], None
                     for batch in batches:
-                        o, s = gen.generate(batch, args.max_new_tokens, draft_heads=k)
+                        o, s = gen.generate(batch, args.max_new_tokens, draft_heads=run[0], compile=run[1])
                         outs += o
                         total = s if total is None else total + s
-                    if k == 0:
-                        base_out = outs
-                    differ[k] = max(differ[k], sum(a != b for a, b in zip(outs, base_out)))
-                    if k not in best or total.seconds < best[k].seconds:
-                        best[k] = total
+                    outputs[run] = outs
+                    differ[run] = max(differ[run], sum(a != b for a, b in zip(outs, outputs[(0, False)])))
+                    if run not in best or total.seconds < best[run].seconds:
+                        best[run] = total
             mismatched += sum(differ.values())
-            base_rate, base_forwards = best[0].tokens_per_second, best[0].forwards
-            for k, total in best.items():
+            base = best[(0, args.compile)]
+            base_rate, base_forwards = base.tokens_per_second, base.forwards
+            for k in range(n):
+                total = best[(k, args.compile)]
                 rate, tpf = total.tokens_per_second, total.tokens_per_forward
                 acc_str = " ".join(f"{a:.2f}" for a in total.acceptance) or "-"
                 speedup = rate / base_rate
                 bound = (trunk + head + unembed) / (trunk + (k + 1) * head + unembed)
                 fwd_ratio = base_forwards / total.forwards
                 print(f"{name:>7} {bs:>5} {k:>2} {rate:>9.1f} {tpf:>8.2f} {speedup:>8.2f} {speedup / tpf:>11.2f} "
-                      f"{fwd_ratio:>9.2f} {speedup / fwd_ratio:>9.2f} {bound:>12.2f} {differ[k]:>6}  {acc_str}")
+                      f"{fwd_ratio:>9.2f} {speedup / fwd_ratio:>9.2f} {bound:>12.2f} "
+                      f"{differ[(k, args.compile)]:>6}  {acc_str}")
+            if args.compile:
+                eager = best[(0, False)].tokens_per_second
+                print(f"{name:>7} {bs:>5}  plain decoding: eager {eager:.1f} tokens/s, compiled {base_rate:.1f} "
+                      f"tokens/s ({base_rate / eager:.2f}x)")
     print(PAPER)
     if mismatched:
         print(f"WARNING: speculative output differed from plain greedy decoding in {mismatched} sequences (worst run "
               f"of each k); see the 'differ' column")
-        if args.dtype == "float32" and device == "cpu":
+        if args.dtype == "float32" and device == "cpu" and not args.compile:  # compiled kernels round differently
             sys.exit("LOSSLESSNESS VIOLATED in float32 on the CPU: that is a bug")
 
 

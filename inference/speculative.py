@@ -107,18 +107,62 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_p: float) -> to
     return probs
 
 
+class Progress:
+    """The host's side of a generate() call: each sequence's tokens, why it ended, and the statistics."""
+
+    def __init__(self, prompts: list[list[int]], max_new_tokens: int, max_seq_len: int, k: int, stop_tokens=()):
+        B = len(prompts)
+        self.out: list[list[int]] = [[] for _ in range(B)]
+        self.done, self.reasons = [False] * B, [""] * B
+        self.room = [max_seq_len - len(p) for p in prompts]  # tokens each sequence may generate within the context
+        self.max_new_tokens = max_new_tokens
+        self.stop = set(int(s) for s in stop_tokens)
+        self.stats = GenerationStats(proposed=[0] * k, accepted=[0] * k, step_accepted=[[] for _ in range(B)])
+
+    def left(self, b: int) -> int:
+        """Tokens sequence b may still add within the context after its pending one: drafts beyond are void."""
+        return self.room[b] - len(self.out[b])
+
+    def emit(self, b: int, tok: int) -> None:
+        if self.done[b]:
+            return
+        if tok in self.stop:
+            self.done[b], self.reasons[b] = True, "stop"
+            return
+        self.out[b].append(tok)
+        self.stats.tokens += 1
+        if len(self.out[b]) >= self.max_new_tokens:
+            self.done[b], self.reasons[b] = True, "length"
+        elif len(self.out[b]) >= self.room[b]:
+            self.done[b], self.reasons[b] = True, "context"
+
+    def step(self, b: int, a: int, drafted: list[int], tok: int, k_step: int) -> None:
+        """Sequence b's step judged the drafts `drafted`, of which the first k_step lie within the context: it
+        accepted a of them, then head 1 gave tok."""
+        judged = min(a, k_step)
+        for j in range(k_step):  # draft j was judged only if drafts before it were accepted
+            self.stats.proposed[j] += int(j <= judged)
+            self.stats.accepted[j] += int(j < judged)
+        self.stats.step_accepted[b].append(judged)
+        for j in range(a):
+            self.emit(b, drafted[j])
+        self.emit(b, tok)
+
+
 class MTPGenerator:
     def __init__(self, model):
         self.model = model.eval()
         self.n_heads = model.cfg.n_future_tokens
         self.max_seq_len = model.cfg.max_seq_len
         self.heads = StackedHeads(model)  # a copy of the head weights: build a new generator after training more
+        self._static = None  # the compiled decoder (generate(compile=True)), built on first use
 
-    def _forward(self, cache: ModelKVCache, tokens: torch.Tensor, n_heads: int):
+    def _forward(self, cache: ModelKVCache, tokens: torch.Tensor, n_heads: int, prepared=None):
         """Trunk + heads 1..n_heads on tokens (B, T); returns head 1's logits (B, T, V) and every head's
-        hidden states (n_heads, B, T, d) (unembedded later, only where a draft is needed)."""
+        hidden states (n_heads, B, T, d) (unembedded later, only where a draft is needed). prepared: the
+        positions and mask, when the caller has set the caches' write positions (the static step)."""
         m = self.model
-        positions, mask = cache.prepare(tokens.shape[1])
+        positions, mask = cache.prepare(tokens.shape[1]) if prepared is None else prepared
         rope = m.rope(positions)
         h = m.trunk(tokens, rope, cache.trunk, mask)
         hidden = self.heads(h, rope, cache.heads, mask, n_heads)
@@ -134,70 +178,71 @@ class MTPGenerator:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, draft_heads: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, stop_tokens=(), seed: int | None = None,
-                 prompt_overflow: str = "error"):
+                 prompt_overflow: str = "error", compile: bool = False):
         """Returns (generated token lists without the prompts or stop tokens, GenerationStats). A prompt longer
         than max_seq_len - 1 tokens raises ContextOverflowError, or with prompt_overflow="truncate-left" is cut
-        to its last max_seq_len - 1 tokens with a warning; no sequence grows past max_seq_len tokens."""
+        to its last max_seq_len - 1 tokens with a warning; no sequence grows past max_seq_len tokens.
+        compile: run the decoding steps as one compiled, static-shape function (inference/static_decode.py);
+        the same greedy output, and the statistics may count drafts past the context that plain mode skips."""
         k = self.n_heads - 1 if draft_heads is None else draft_heads
         if not 0 <= k <= self.n_heads - 1:
             raise ValueError(f"draft_heads must be between 0 and {self.n_heads - 1} (the model's extra heads), got {k}")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        L = self.max_seq_len
-        prompts = [fit_prompt(p, L, prompt_overflow, f"prompt {i}") for i, p in enumerate(prompts)]
-        sample = temperature > 0
+        prompts = [fit_prompt(p, self.max_seq_len, prompt_overflow, f"prompt {i}") for i, p in enumerate(prompts)]
         device = next(self.model.parameters()).device
         gen = torch.Generator(device=device)
         gen.manual_seed(0 if seed is None else seed)
-        B = len(prompts)
-        lens = torch.tensor([len(p) for p in prompts], device=device)
-        P = int(lens.max())
-        # A sequence in the batch has fewer than max_new_tokens generated, all but the pending one cached, and a
-        # step writes the pending token and k drafts after them, never past the context (see k_step below).
-        cache = ModelKVCache(self.model, B, min(P + max_new_tokens + k, L))
-        stats = GenerationStats(proposed=[0] * k, accepted=[0] * k, step_accepted=[[] for _ in prompts])
+        progress = Progress(prompts, max_new_tokens, self.max_seq_len, k, stop_tokens)
         t0 = time.perf_counter()
+        if compile:
+            if self._static is None:
+                from .static_decode import StaticDecoder
 
-        tokens = torch.zeros(B, P, dtype=torch.long, device=device)
+                self._static = StaticDecoder(self)
+            self._static.decode(prompts, progress, k, temperature, top_p, gen)
+        else:
+            self._decode(prompts, progress, k, temperature, top_p, gen)
+        stats = progress.stats
+        stats.seconds = time.perf_counter() - t0
+        stats.finish_reasons = progress.reasons
+        return progress.out, stats
+
+    def prefill(self, cache: ModelKVCache, prompts: list[list[int]], k: int, sample: bool, temperature: float,
+                top_p: float, gen):
+        """The prompts (right-padded) through the model: their first tokens (pending, B), the first drafts (B, k)
+        and the drafts' distributions (sampling)."""
+        device = cache.lengths.device
+        lens = torch.tensor([len(p) for p in prompts], device=device)
+        tokens = torch.zeros(len(prompts), int(lens.max()), dtype=torch.long, device=device)
         for b, p in enumerate(prompts):  # right padding: pads sit after each prompt and are overwritten later
             tokens[b, : len(p)] = torch.tensor(p, device=device)
+        cache.lengths = torch.zeros_like(lens)
         logits, hidden = self._forward(cache, tokens, k + 1)
+        cache.lengths = lens
+        rows = torch.arange(len(prompts), device=device)
+        pending, _ = self._choose(logits[rows, lens - 1], sample, temperature, top_p, gen)
+        drafts, q = self._draft(hidden, rows, lens - 1, k, sample, temperature, top_p, gen)
+        return pending, drafts, q
+
+    def _decode(self, prompts, progress: Progress, k, temperature, top_p, gen):
+        """Eager decoding: finished sequences leave the batch and its caches, and the drafts are cut where they
+        would pass the context, so each forward's shapes are those of the work left."""
+        sample = temperature > 0
+        device = next(self.model.parameters()).device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        # A sequence in the batch has fewer than max_new_tokens generated, all but the pending one cached, and a
+        # step writes the pending token and k drafts after them, never past the context (see k_step below).
+        cache = ModelKVCache(self.model, B, min(P + progress.max_new_tokens + k, self.max_seq_len))
+        stats = progress.stats
+        pending, drafts, q = self.prefill(cache, prompts, k, sample, temperature, top_p, gen)
         stats.forwards += 1
         stats.sequence_steps += B  # the prefill yields each sequence's first token
-        cache.lengths = lens.clone()
-        rows = torch.arange(B, device=device)
-        last = lens - 1
-        pending, _ = self._choose(logits[rows, last], sample, temperature, top_p, gen)
-        drafts, q = self._draft(hidden, rows, last, k, sample, temperature, top_p, gen)
-
-        out = [[] for _ in range(B)]
-        # Bookkeeping is in Python lists, moved from the device once per step: per-element reads of device
-        # tensors would each synchronise with a GPU.
-        done = [False] * B
-        reasons = [""] * B
-        room = [L - len(p) for p in prompts]  # tokens each sequence may generate within the context
-        stop = set(int(s) for s in stop_tokens)
-
-        def finish(b: int, reason: str) -> None:
-            done[b], reasons[b] = True, reason
-
-        def emit(b: int, tok: int) -> None:
-            if done[b]:
-                return
-            if tok in stop:
-                return finish(b, "stop")
-            out[b].append(tok)
-            stats.tokens += 1
-            if len(out[b]) >= max_new_tokens:
-                finish(b, "length")
-            elif len(out[b]) >= room[b]:
-                finish(b, "context")
-
         for b, tok in enumerate(pending.tolist()):
-            emit(b, tok)
+            progress.emit(b, tok)
         alive = list(range(B))  # the prompt of each row of the batch
         while True:
-            keep = [r for r, b in enumerate(alive) if not done[b]]
+            keep = [r for r, b in enumerate(alive) if not progress.done[b]]
             if not keep:
                 break
             if len(keep) < len(alive):  # finished sequences leave the batch and the caches
@@ -210,28 +255,21 @@ class MTPGenerator:
             # The pending token sits at position prompt + generated - 1; drafts after it stop at the last position
             # of the context (the KV caches end there), for the whole step: only the last steps of a sequence
             # near the limit draft less.
-            k_step = min([k] + [room[b] - len(out[b]) for b in alive])
+            k_step = min([k] + [progress.left(b) for b in alive])
             drafts, q = drafts[:, :k_step], None if q is None else q[:, :k_step]
             step_in = torch.cat([pending.unsqueeze(1), drafts], dim=1)  # (rows, k_step + 1)
             logits, hidden = self._forward(cache, step_in, k + 1)
             stats.forwards += 1
             stats.sequence_steps += n_rows
             n_acc, new_pending = self._verify(logits, drafts, q, rows, sample, temperature, top_p, gen)
+            # Bookkeeping is in Python lists, moved from the device once per step: per-element reads of device
+            # tensors would each synchronise with a GPU.
             for b, a, drafted, tok in zip(alive, n_acc.tolist(), drafts.tolist(), new_pending.tolist()):
-                for j in range(k_step):  # draft j was judged only if drafts before it were accepted
-                    stats.proposed[j] += int(j <= a)
-                    stats.accepted[j] += int(j < a)
-                stats.step_accepted[b].append(a)
-                for j in range(a):
-                    emit(b, drafted[j])
-                emit(b, tok)
+                progress.step(b, a, drafted, tok, k_step)
             # Positions L .. L+a now hold the pending token and the accepted drafts; the rest is rolled back.
             cache.lengths = cache.lengths + n_acc + 1
             pending = new_pending
             drafts, q = self._draft(hidden, rows, n_acc, k, sample, temperature, top_p, gen)
-        stats.seconds = time.perf_counter() - t0
-        stats.finish_reasons = reasons
-        return out, stats
 
     def _verify(self, logits, drafts, q, rows, sample, temperature, top_p, gen):
         """Head 1's logits (rows, k + 1, V) at [pending, drafts] judge the drafts (rows, k), proposed with

@@ -152,3 +152,20 @@ def test_empty_or_missing_prompts_file_names_the_file(tmp_path, capsys, byte_mod
     assert main([byte_model[1], "--prompts-file", str(path)]) == 1
     err = capsys.readouterr().err
     assert message.format(tmp=tmp_path) in err and str(path) in err and err.count("\n") == 1
+
+
+def test_cli_compile_prints_what_eager_decoding_prints(tmp_path, capsys, byte_model, monkeypatch):
+    """--compile takes the static-shape step (inference/static_decode.py), here run uncompiled so the test costs
+    no compilation (tests/test_compiled_decode.py compiles it): the same text, with prompts that reach the
+    context limit and a last batch narrower than the others."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    _, path = byte_model
+    args = [path, "--prompt", "import os", "--prompt", "x" * 55, "--prompt", "def f(", "--max_new_tokens", "20",
+            "--batch_size", "2"]
+    for speculative in ([], ["--no-speculative"]):
+        assert main(args + speculative) == 0
+        eager = capsys.readouterr().out
+        assert main(args + speculative + ["--compile"]) == 0
+        compiled = capsys.readouterr().out
+        assert compiled.split("\n[")[0] == eager.split("\n[")[0] and "stopped at the context limit" in eager
+        assert ", compiled]" in compiled and ", compiled]" not in eager
