@@ -75,7 +75,7 @@ def initial_weight_sources(model, path: str | Path) -> tuple[dict[str, str], lis
 def open_saved_weights(weights_file: Path, source: dict[str, str], shapes: dict[str, tuple], tied: bool):
     """Checks that the file holds every source tensor with its parameter's (full) shape, from the file's header
     only; yields read(name, dim=None, start=0, stop=None): the saved tensor of parameter `name`, or only its
-    [start:stop] along dim, read from disk alone (safetensors' lazy slices)."""
+    [start:stop] along dim, read alone (safetensors' lazy slices), as a tensor of its own."""
     with safe_open(str(weights_file), framework="pt") as f:
         saved = set(f.keys())
         if tied and "output.weight" not in saved:  # a tied model's file holds the embedding only
@@ -90,12 +90,15 @@ def open_saved_weights(weights_file: Path, source: dict[str, str], shapes: dict[
                 raise ValueError(f"train.init_from: {weights_file}: {source[name]} has shape {saved_shape}, "
                                  f"this run's {name} {tuple(shape)}")
 
-        def read(name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
-            if dim is None:
-                return f.get_tensor(source[name])
-            return f.get_slice(source[name])[(slice(None),) * dim + (slice(start, stop),)]
+    def read(name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        # safetensors hands out views of the file's memory map, which stays mapped while the file is open: a
+        # column slice touches every page of its tensor, so each read maps the file anew and returns a copy,
+        # and what it touched is released with it instead of piling up to the whole file.
+        with safe_open(str(weights_file), framework="pt") as g:
+            index = () if dim is None else (slice(None),) * dim + (slice(start, stop),)
+            return g.get_slice(source[name])[index].clone(memory_format=torch.contiguous_format)
 
-        yield read
+    yield read
 
 
 def _copy_parameters(model, weights_file: Path, source: dict[str, str], shapes: dict[str, tuple], tied: bool) -> None:
