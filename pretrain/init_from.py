@@ -12,7 +12,6 @@ partitioned by zero.Init (see build_model.py), one parameter at a time. Under Ze
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -71,10 +70,9 @@ def initial_weight_sources(model, path: str | Path) -> tuple[dict[str, str], lis
     return source, notes
 
 
-@contextmanager
-def open_saved_weights(weights_file: Path, source: dict[str, str], shapes: dict[str, tuple], tied: bool):
+def saved_weights_reader(weights_file: Path, source: dict[str, str], shapes: dict[str, tuple], tied: bool):
     """Checks that the file holds every source tensor with its parameter's (full) shape, from the file's header
-    only; yields read(name, dim=None, start=0, stop=None): the saved tensor of parameter `name`, or only its
+    only; returns read(name, dim=None, start=0, stop=None): the saved tensor of parameter `name`, or only its
     [start:stop] along dim, read alone (safetensors' lazy slices), as a tensor of its own."""
     with safe_open(str(weights_file), framework="pt") as f:
         saved = set(f.keys())
@@ -98,7 +96,7 @@ def open_saved_weights(weights_file: Path, source: dict[str, str], shapes: dict[
             index = () if dim is None else (slice(None),) * dim + (slice(start, stop),)
             return g.get_slice(source[name])[index].clone(memory_format=torch.contiguous_format)
 
-    yield read
+    return read
 
 
 def _copy_parameters(model, weights_file: Path, source: dict[str, str], shapes: dict[str, tuple], tied: bool) -> None:
@@ -108,9 +106,9 @@ def _copy_parameters(model, weights_file: Path, source: dict[str, str], shapes: 
     import deepspeed
     import torch.distributed as dist
 
-    with open_saved_weights(weights_file, source, shapes, tied) as read:
-        for name, p in model.named_parameters():
-            reads = not hasattr(p, "ds_id") or dist.get_rank(group=p.ds_process_group) == 0
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
-                if reads:
-                    p.copy_(read(name))
+    read = saved_weights_reader(weights_file, source, shapes, tied)
+    for name, p in model.named_parameters():
+        reads = not hasattr(p, "ds_id") or dist.get_rank(group=p.ds_process_group) == 0
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            if reads:
+                p.copy_(read(name))

@@ -25,7 +25,7 @@ from torch import nn
 
 from mtplm.model.weights import WEIGHTS_FILE
 
-from .init_from import initial_weight_sources, open_saved_weights
+from .init_from import initial_weight_sources, saved_weights_reader
 from .parallel_layout import ParallelLayout
 from .pipeline import stage_parameters
 from .tensor_parallel import apply_tensor_parallel
@@ -63,16 +63,16 @@ def build_lean(make_model: Callable[[], nn.Module], layout: ParallelLayout, part
             module._parameters[attr] = new
 
     if init_from:
-        with open_saved_weights(Path(init_from) / WEIGHTS_FILE, source, full_shapes, model.cfg.tie_embeddings) as read:
-            for name, p in list(model.named_parameters()):
-                if id(p) not in kept:
-                    continue
-                if getattr(p, "tensor_model_parallel", False):
-                    dim = p.partition_dim
-                    start = tp.rank * -(-full_shapes[name][dim] // tp.world)  # torch.chunk's split
-                    materialise(p, read(name, dim, start, start + p.shape[dim]))
-                else:
-                    materialise(p, read(name))
+        read = saved_weights_reader(Path(init_from) / WEIGHTS_FILE, source, full_shapes, model.cfg.tie_embeddings)
+        for name, p in list(model.named_parameters()):
+            if id(p) not in kept:
+                continue
+            if getattr(p, "tensor_model_parallel", False):
+                dim = p.partition_dim
+                start = tp.rank * -(-full_shapes[name][dim] // tp.world)  # torch.chunk's split
+                materialise(p, read(name, dim, start, start + p.shape[dim]))
+            else:
+                materialise(p, read(name))
         return model, notes
 
     final = dict(model.named_parameters(remove_duplicate=False))
