@@ -75,7 +75,8 @@ def _gpu_peak() -> int | None:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
-def run_arm(arm: str, args, passthrough: list[str]) -> list[dict]:
+def run_arm(arm: str, args, passthrough: list[str], script: str = __file__) -> list[dict]:
+    """`script` as args.world ranks with `--_arm arm`; each prints its figures as the last line of JSON."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -83,7 +84,7 @@ def run_arm(arm: str, args, passthrough: list[str]) -> list[dict]:
     for rank in range(args.world):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(args.world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, __file__, *passthrough, "--_arm", arm], env=env,
+        procs.append(subprocess.Popen([sys.executable, script, *passthrough, "--_arm", arm], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     for rank, p in enumerate(procs):

@@ -31,6 +31,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_normalize(x, self.eps) * self.weight
 
@@ -87,7 +90,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 # Every weight is initialised inside the __init__ of the module that owns it (nn.Linear and nn.Embedding call
 # reset_parameters there). DeepSpeed's zero.Init partitions a module's parameters the moment its __init__
-# returns, so anything set afterwards, from outside, would be lost on a ZeRO-3 construction.
+# returns, so anything set afterwards, from outside, would be lost on a ZeRO-3 construction. Every module that
+# owns parameters can redo that initialisation with reset_parameters(), drawing the same random numbers when
+# called in construction order: a model built on the meta device is initialised that way (pretrain/lean_init.py).
 
 
 class Linear(nn.Linear):

@@ -1,6 +1,10 @@
 """Build the model a rank trains: construction (activation checkpointing is a model option), initial weights,
 tensor parallelism.
 
+Under ZeRO-0/1/2 the lean build (lean_init.py) constructs the model on the meta device and materialises only
+what the rank keeps (its pipeline stage, its tensor shards), one full tensor at a time, with the values of the
+whole build from the same seed.
+
 Under ZeRO-3 the model is constructed inside DeepSpeed's `zero.Init`, as Megatron-DeepSpeed and Hugging Face do:
 every module's parameters are broadcast from data-parallel rank 0 and cut into per-rank partitions as soon as
 the module exists, so a rank never holds more than one module's full weights besides its own 1/dp share, instead
@@ -19,8 +23,6 @@ Imports deepspeed for zero.Init, the ZeRO-3 construction; deepspeed.initialize i
 
 from __future__ import annotations
 
-import contextlib
-
 import deepspeed
 
 from mtplm.model.transformer import MTPTransformer
@@ -28,26 +30,27 @@ from mtplm.model.transformer import MTPTransformer
 from .config import TrainConfig
 from .ds_config import zero_stage
 from .init_from import load_initial_weights
+from .lean_init import build_lean
 from .parallel_layout import ParallelLayout
 from .tensor_parallel import apply_tensor_parallel
-
-
-def construction_context(ds_cfg: dict, layout: ParallelLayout):
-    """zero.Init for ZeRO-3 (partitioned over the data-parallel group that the engine will use), else nothing."""
-    if zero_stage(ds_cfg) != 3:
-        return contextlib.nullcontext()
-    return deepspeed.zero.Init(config_dict_or_path=ds_cfg, data_parallel_group=layout.dp_group, mpu=layout.grid)
 
 
 def build_model(cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout) -> tuple[MTPTransformer, list[str]]:
     """The rank's model, before deepspeed.initialize (and before the pipeline layout takes its modules);
     returns it and notes on how init_from's weights were adapted. Collective under ZeRO-3."""
     t = cfg.train
-    with construction_context(ds_cfg, layout):
-        # The pipeline layout recomputes with DeepSpeed's own interval instead (same meaning; see pipeline.py).
-        interval = t.activation_checkpoint_interval if t.activation_checkpointing and not layout.pipeline else 0
-        model = MTPTransformer(cfg.model, loss_impl=t.loss_impl, ce_chunk_tokens=t.ce_chunk_tokens or None,
-                               activation_checkpoint_interval=interval)
+    # The pipeline layout recomputes with DeepSpeed's own interval instead (same meaning; see pipeline.py).
+    interval = t.activation_checkpoint_interval if t.activation_checkpointing and not layout.pipeline else 0
+
+    def make():
+        return MTPTransformer(cfg.model, loss_impl=t.loss_impl, ce_chunk_tokens=t.ce_chunk_tokens or None,
+                              activation_checkpoint_interval=interval)
+
+    if zero_stage(ds_cfg) != 3:
+        return build_lean(make, layout, cfg.parallel.pipeline_partition, t.init_from)
+    # ZeRO-3: partitioned over the data-parallel group that the engine will use.
+    with deepspeed.zero.Init(config_dict_or_path=ds_cfg, data_parallel_group=layout.dp_group, mpu=layout.grid):
+        model = make()
     notes = load_initial_weights(model, t.init_from) if t.init_from else []
     apply_tensor_parallel(model, layout.tensor)
     return model, notes
@@ -55,7 +58,7 @@ def build_model(cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout) -> tuple
 
 def local_parameter_count(model) -> tuple[int, int]:
     """(elements this rank stores, elements of the model or of this rank's tensor-parallel shard of it): the two
-    differ once ZeRO-3 has partitioned it."""
+    differ once ZeRO-3 has partitioned it, or when the lean build left other pipeline stages on the meta device."""
     params = {id(p): p for p in model.parameters()}.values()
-    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0 if p.is_meta else p.numel() for p in params)
     return local, sum(getattr(p, "ds_numel", p.numel()) for p in params)

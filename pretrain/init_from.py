@@ -5,7 +5,8 @@ of the saved head 1's block (a new head starts as the block it branches beside).
 are dropped: continuing a 4-token model with n'=1 is the paper's best CodeContests fine-tuning recipe.
 
 Imports deepspeed for zero.GatheredParameters: under ZeRO-3 the weights are read into a model already
-partitioned by zero.Init (see build_model.py), one parameter at a time.
+partitioned by zero.Init (see build_model.py), one parameter at a time. Under ZeRO-0/1/2 the lean build
+(lean_init.py) reads only the rank's slices (its pipeline stage, its tensor shards), one at a time.
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ def _head_prefix(n_main: int, k: int) -> str:
 
 
 def load_initial_weights(model, path: str | Path) -> list[str]:
-    """Load weights into `model` in place; returns notes on what was adapted."""
+    """Load weights into `model` in place (whole parameters, or ZeRO-3 partitions); returns notes on what was
+    adapted. The lean build (lean_init.py) reads only its local slices instead, through the same checks."""
+    source, notes = initial_weight_sources(model, path)
+    shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+    _copy_parameters(model, Path(path) / WEIGHTS_FILE, source, shapes, model.cfg.tie_embeddings)
+    return notes
+
+
+def initial_weight_sources(model, path: str | Path) -> tuple[dict[str, str], list[str]]:
+    """Checks the saved model against `model` (which may still be on the meta device); returns the saved name
+    each of its parameters starts from, and notes on what was adapted."""
     path = Path(path)
     if not (path / PARAMS_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"train.init_from: {path} is not a consolidated model folder "
@@ -56,17 +67,13 @@ def load_initial_weights(model, path: str | Path) -> list[str]:
         source[name] = src_name
     if src_cfg.n_future_tokens > cfg.n_future_tokens:
         notes.append(f"dropped saved heads {cfg.n_future_tokens + 1}..{src_cfg.n_future_tokens}")
-    _copy_parameters(model, path / WEIGHTS_FILE, source, cfg.tie_embeddings)
-    return notes
+    return source, notes
 
 
-def _copy_parameters(model, weights_file: Path, source: dict[str, str], tied: bool) -> None:
-    """One tensor at a time, read lazily from the file: a ZeRO-3 partitioned parameter is gathered, set on
-    data-parallel rank 0 (the only rank that reads it), broadcast and partitioned again; GatheredParameters is a
-    no-op on plain parameters, which every rank sets."""
-    import deepspeed
-    import torch.distributed as dist
-
+def saved_weights_reader(weights_file: Path, source: dict[str, str], shapes: dict[str, tuple], tied: bool):
+    """Checks that the file holds every source tensor with its parameter's (full) shape, from the file's header
+    only; returns read(name, dim=None, start=0, stop=None): the saved tensor of parameter `name`, or only its
+    [start:stop] along dim, read alone (safetensors' lazy slices), as a tensor of its own."""
     with safe_open(str(weights_file), framework="pt") as f:
         saved = set(f.keys())
         if tied and "output.weight" not in saved:  # a tied model's file holds the embedding only
@@ -75,12 +82,33 @@ def _copy_parameters(model, weights_file: Path, source: dict[str, str], tied: bo
         if missing:
             raise ValueError(f"train.init_from: {weights_file} lacks {', '.join(missing[:5])}"
                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-        for name, p in model.named_parameters():
-            saved_shape, shape = tuple(f.get_slice(source[name]).get_shape()), tuple(getattr(p, "ds_shape", p.shape))
-            if shape != saved_shape:
+        for name, shape in shapes.items():
+            saved_shape = tuple(f.get_slice(source[name]).get_shape())
+            if tuple(shape) != saved_shape:
                 raise ValueError(f"train.init_from: {weights_file}: {source[name]} has shape {saved_shape}, "
-                                 f"this run's {name} {shape}")
-            reads = not hasattr(p, "ds_id") or dist.get_rank(group=p.ds_process_group) == 0
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
-                if reads:
-                    p.copy_(f.get_tensor(source[name]))
+                                 f"this run's {name} {tuple(shape)}")
+
+    def read(name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        # safetensors hands out views of the file's memory map, which stays mapped while the file is open: a
+        # column slice touches every page of its tensor, so each read maps the file anew and returns a copy,
+        # and what it touched is released with it instead of piling up to the whole file.
+        with safe_open(str(weights_file), framework="pt") as g:
+            index = () if dim is None else (slice(None),) * dim + (slice(start, stop),)
+            return g.get_slice(source[name])[index].clone(memory_format=torch.contiguous_format)
+
+    return read
+
+
+def _copy_parameters(model, weights_file: Path, source: dict[str, str], shapes: dict[str, tuple], tied: bool) -> None:
+    """One tensor at a time, read lazily from the file: a ZeRO-3 partitioned parameter is gathered, set on
+    data-parallel rank 0 (the only rank that reads it), broadcast and partitioned again; GatheredParameters is a
+    no-op on plain parameters, which every rank sets."""
+    import deepspeed
+    import torch.distributed as dist
+
+    read = saved_weights_reader(weights_file, source, shapes, tied)
+    for name, p in model.named_parameters():
+        reads = not hasattr(p, "ds_id") or dist.get_rank(group=p.ds_process_group) == 0
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            if reads:
+                p.copy_(read(name))

@@ -119,13 +119,33 @@ def layer_costs(layers: list[nn.Module], method: str) -> list[int]:
     return [0] + [round(1000 * s / block) for s in sizes[1:]]
 
 
+def stage_bounds(costs: list[int], num_stages: int, tied: bool) -> list[int]:
+    """parts[s]:parts[s + 1] are the layers of stage s: balanced on layer_costs (DeepSpeed's "type:" would count
+    every layer of a type as one, but the heads layer is n blocks plus the unembedding). Tied: the embedding's
+    copy for the unembedding, one layer past the heads, goes with the heads."""
+    from deepspeed.runtime import utils as ds_utils
+
+    parts = ds_utils.partition_balanced(weights=costs, num_parts=num_stages)
+    if tied:
+        parts[-1] += 1
+    return parts
+
+
+def stage_parameters(model: MTPTransformer, num_stages: int, stage: int, partition_method: str) -> list[nn.Parameter]:
+    """The parameters of `model` that build_pipeline_module keeps on `stage` (what the lean build materialises)."""
+    layers = pipeline_layers(model)
+    parts = stage_bounds(layer_costs(layers, partition_method), num_stages, model.cfg.tie_embeddings)
+    if model.cfg.tie_embeddings:
+        layers.append(layers[0])
+    return [p for layer in layers[parts[stage]:parts[stage + 1]] for p in layer.parameters()]
+
+
 def build_pipeline_module(model: MTPTransformer, topology, partition_method: str, checkpoint_interval: int = 0):
     """Collective: a PipelineModule over `model`'s modules, partitioned on `topology`; non-local layers are
     dropped. checkpoint_interval > 0 recomputes each stage's trunk blocks in units of that many consecutive
     layers (DeepSpeed's interval; a unit that holds the embedding or the heads is not recomputed).
     Returns (module, loss)."""
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
-    from deepspeed.runtime import utils as ds_utils
 
     layers = pipeline_layers(model)
     costs = layer_costs(layers, partition_method)
@@ -139,11 +159,7 @@ def build_pipeline_module(model: MTPTransformer, topology, partition_method: str
 
     class MTPPipelineModule(PipelineModule):
         def _partition_layers(self, method="uniform"):
-            # DeepSpeed's "type:" counts every layer of a type as one; the heads layer is n blocks plus the
-            # unembedding, so stages are balanced on our own cost model instead.
-            self.parts = ds_utils.partition_balanced(weights=costs, num_parts=self.num_stages)
-            if tied:  # the embedding's copy for the unembedding goes with the heads
-                self.parts[-1] += 1
+            self.parts = stage_bounds(costs, self.num_stages, tied)
             stage = self._topo.get_coord(self.global_rank).pipe
             self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 

@@ -8,8 +8,9 @@ full row of logits. Norm weights are replicated; their gradients come out identi
 gradient entering each column-parallel layer is all-reduced.
 
 The same layers serve the data-parallel layout and the pipeline layout: the process group comes from
-DeepSpeed's pipe/data/model topology (see parallel_layout.py). Full weights are built on every rank from the
-same seed and then cut, so a tensor-parallel run starts from exactly the single-process model.
+DeepSpeed's pipe/data/model topology (see parallel_layout.py). The cut is made on the meta device under
+ZeRO-0/1/2 (lean_init.py then draws each full weight from the same seed and keeps the rank's slice) and on the
+built weights under ZeRO-3, so a tensor-parallel run starts from exactly the single-process model.
 
 Imports deepspeed for zero.GatheredParameters: a model built under ZeRO-3 is cut, and its shards gathered for
 saving, one partitioned module or parameter at a time.
