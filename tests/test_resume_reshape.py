@@ -1,0 +1,106 @@
+"""Resume on another layout: 3 steps at layout A, checkpoint, then 3 more at layout B, against one uninterrupted
+single-process run over the same global batches (micro-batch 2 x 4). The optimizer state (fp32 masters, Adam
+moments, step), the LR schedule and the data position must carry over, or the losses of steps 4-6 and the final
+weights would differ."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_launch import REPO, run_ranks
+from dist_training import TINY, ds_json
+
+WORKER = "tests/workers/train_synthetic.py"
+# Global batch 8 in every layout: micro-batch 2 x accumulation x data-parallel size.
+CONFIG = {**TINY, "train": {**TINY["train"], "steps": 6, "save_interval": 3, "eval_interval": 0}}
+
+
+def write_config(tmp: Path) -> str:
+    path = tmp / "tiny6.json"
+    path.write_text(json.dumps(CONFIG))
+    return str(path)
+
+
+def metrics(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    out = tmp / "ref"
+    run_ranks(1, [WORKER, "--config", write_config(tmp), "--train.out_dir", str(out), "--train.save_interval", "0",
+                  "--train.grad_accum_steps", "4"], timeout=900)
+    return metrics(out), load_file(str(out / "final" / "model.safetensors"))
+
+
+def layout(tmp: Path, world: int, stage: int, *args: str) -> tuple[int, list[str]]:
+    cfg = ["--config", write_config(tmp)]
+    if stage:
+        cfg += ["--deepspeed_config", str(ds_json(tmp, f"zero{stage}.json"))]
+    return world, [*cfg, *args]
+
+
+def resume_elsewhere(tmp: Path, a: tuple[int, list[str]], b: tuple[int, list[str]]) -> tuple[dict, dict, str]:
+    """Train at layout a until the step-3 checkpoint (then killed), resume at layout b; (records of steps 1-6,
+    final weights, rank 0's output of the resumed run)."""
+    first, second = tmp / "a", tmp / "b"
+    second.mkdir()
+    with pytest.raises(RuntimeError, match="exit -9"):
+        run_ranks(a[0], [WORKER, *a[1], "--train.out_dir", str(first), "--kill_after_step", "3"], timeout=900)
+    run_ranks(b[0], [WORKER, *b[1], "--train.out_dir", str(second), "--train.resume", str(first / "checkpoints")],
+              timeout=900, log_dir=second)
+    records = {**metrics(first), **metrics(second)}
+    return records, load_file(str(second / "final" / "model.safetensors")), (second / "stdout_rank0.txt").read_text()
+
+
+def assert_same_run(reference, records, weights, tol=1e-5):
+    ref_records, ref_weights = reference
+    assert sorted(records) == list(range(1, 7))
+    for step in range(1, 7):
+        a, b = ref_records[step], records[step]
+        assert b["loss"] == pytest.approx(a["loss"], rel=tol, abs=tol), f"step {step}"
+        assert b["head_losses"] == pytest.approx(a["head_losses"], rel=tol, abs=tol), f"step {step}"
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12), f"step {step}"
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), f"step {step}"
+    assert weights.keys() == ref_weights.keys()
+    for k, ref in ref_weights.items():
+        diff = (weights[k] - ref).abs().max().item()
+        assert diff <= tol * max(1.0, ref.abs().max().item()), f"{k}: differs by {diff:.2e}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("a, b, says", [
+    ((2, 1, ()), (1, 1, ()), ["data-parallel size 2 -> 1", "train.grad_accum_steps 2 -> 4"]),
+    ((2, 3, ()), (1, 3, ()), ["data-parallel size 2 -> 1"]),
+    ((2, 1, ("--parallel.tensor", "2", "--train.grad_accum_steps", "4")), (1, 1, ()), ["parallel.tensor 2 -> 1"]),
+    ((2, 1, ("--parallel.pipeline", "2", "--train.grad_accum_steps", "4")), (1, 1, ()), ["parallel.pipeline 2 -> 1"]),
+    ((2, 1, ()), (2, 1, ("--parallel.pipeline", "2")), ["parallel.pipeline 1 -> 2", "train.grad_accum_steps 2 -> 4"]),
+    ((2, 1, ()), (2, 3, ()), ["ZeRO stage 1 -> 3"]),
+], ids=["dp2-1-zero1", "dp2-1-zero3", "tp2-1", "pp2-1", "pp1-2", "zero1-3"])
+def test_resume_on_another_layout_continues_the_same_run(tmp_path, reference, a, b, says):
+    records, weights, log = resume_elsewhere(tmp_path, layout(tmp_path, a[0], a[1], *a[2]),
+                                             layout(tmp_path, b[0], b[1], *b[2]))
+    for change in says:
+        assert f"resumed with {change}" in log
+    assert "carried over through" in log
+    assert_same_run(reference, records, weights)
+
+
+def test_resume_refuses_a_different_global_batch(tmp_path):
+    out = tmp_path / "run"
+    run_ranks(1, [WORKER, "--config", write_config(tmp_path), "--train.out_dir", str(out), "--train.steps", "3",
+                  "--train.grad_accum_steps", "4"], timeout=900)
+    with pytest.raises(RuntimeError) as e:
+        run_ranks(1, [WORKER, "--config", write_config(tmp_path), "--train.out_dir", str(out), "--train.resume",
+                      "auto", "--train.grad_accum_steps", "2"], timeout=900)
+    assert "the checkpoint's global batch is 8 samples" in str(e.value)
+    with pytest.raises(RuntimeError) as e:
+        run_ranks(1, [WORKER, "--config", write_config(tmp_path), "--train.out_dir", str(out), "--train.resume",
+                      "auto", "--train.micro_batch_size", "3"], timeout=900)
+    assert "no whole number of accumulation steps" not in str(e.value)  # same data-parallel size: nothing adjusts
+    assert "this run's micro-batch 3 x accumulation 2 x data-parallel 1 = 6" in str(e.value)
