@@ -35,6 +35,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mtplm.model.weights import model_config_from_json
+
 from .pipeline import meta_name
 from .tensor_parallel import merge_tensor_parallel_shards
 
@@ -85,18 +87,22 @@ def saved_layout(folder: Path) -> dict:
             "micro_batch_size": cfg["train"]["micro_batch_size"], "grad_accum_steps": cfg["train"]["grad_accum_steps"]}
 
 
-def plan_batch(saved: dict, micro_batch: int, grad_accum: int, dp_world: int) -> tuple[int | None, str | None]:
+def plan_batch(saved: dict, micro_batch: int, grad_accum: int, dp_world: int, tensor: int, pipeline: int
+               ) -> tuple[int | None, str | None]:
     """(the accumulation steps that keep the checkpoint's global batch, or None; why it cannot be kept, or None).
-    The data order is a function of the global batch alone (data/loader.py), so keeping it keeps the order."""
+    The data order is a function of the global batch alone (data/loader.py), so keeping it keeps the order. On
+    another parallel layout the accumulation steps follow from the global batch; on the same layout a different
+    micro-batch x accumulation is a different global batch, and refused."""
     batch = saved["micro_batch_size"] * saved["grad_accum_steps"] * saved["data_parallel"]
     if micro_batch * grad_accum * dp_world == batch:
         return grad_accum, None
-    if dp_world != saved["data_parallel"] and batch % (micro_batch * dp_world) == 0:
+    moved = (dp_world, tensor, pipeline) != (saved["data_parallel"], saved["tensor"], saved["pipeline"])
+    if moved and batch % (micro_batch * dp_world) == 0:
         return batch // (micro_batch * dp_world), None
     return None, (f"the checkpoint's global batch is {batch} samples (micro-batch {saved['micro_batch_size']} x "
                   f"accumulation {saved['grad_accum_steps']} x data-parallel {saved['data_parallel']}); this run's "
                   f"micro-batch {micro_batch} x accumulation {grad_accum} x data-parallel {dp_world} = "
-                  f"{micro_batch * grad_accum * dp_world}" + ("" if dp_world == saved["data_parallel"] else
+                  f"{micro_batch * grad_accum * dp_world}" + ("" if not moved else
                   f", and no whole number of accumulation steps gives {batch} with micro-batch {micro_batch} x "
                   f"data-parallel {dp_world}") + "; a resume keeps the global batch (and so the data order): "
                   "change train.micro_batch_size or the number of ranks")
@@ -171,7 +177,7 @@ def universal_state(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], t
     """{key: {Meta name: full fp32 tensor}} and the optimizer step, from a ZeRO-1/2/3 checkpoint of any layout."""
     cfg = json.loads((folder / "mtp_config.json").read_text())
     tensor, pipeline = cfg.get("parallel", {}).get("tensor", 1), cfg.get("parallel", {}).get("pipeline", 1)
-    n_trunk = cfg["model"]["n_layers"] - cfg["model"]["n_future_tokens"] + 1
+    n_trunk = model_config_from_json(cfg["model"], str(folder / "mtp_config.json")).n_trunk_layers
     if not any(folder.glob("zero_pp_rank_*_optim_states.pt")):
         raise ReshardError(f"cannot carry {folder} into another layout: it was written without ZeRO (stage 0), "
                            f"whose files keep the Adam moments by position, not by parameter; resume it with the "
