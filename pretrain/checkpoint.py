@@ -254,10 +254,11 @@ def unreadable(folder: Path, files: dict[str, int]) -> str | None:
 def _batch_plan(folder: Path, cfg: TrainConfig, dp_world: int) -> tuple[int | None, str | None]:
     """(accumulation steps that keep the checkpoint's global batch, or None; the refusal, or None)."""
     try:
-        gas, why = plan_batch(saved_layout(folder), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, dp_world,
-                              cfg.parallel.tensor, cfg.parallel.pipeline)
-    except Exception as e:  # noqa: BLE001 - the other ranks wait for this decision: they must hear of it
-        return None, f"cannot resume from {folder}: cannot read its layout: {e}"
+        saved = saved_layout(folder)
+    except Exception:  # noqa: BLE001 - unreadable here: load_checkpoint says why, after every rank checked its view
+        return cfg.train.grad_accum_steps, None
+    gas, why = plan_batch(saved, cfg.train.micro_batch_size, cfg.train.grad_accum_steps, dp_world,
+                          cfg.parallel.tensor, cfg.parallel.pipeline)
     return gas, None if why is None else f"cannot resume from {folder}: {why}"
 
 

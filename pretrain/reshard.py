@@ -173,19 +173,39 @@ def _mp_rank_states(folder: Path, mp_rank: int) -> tuple[dict[str, dict[str, tor
     return out, torch.as_tensor(step, dtype=torch.float32).clone()
 
 
+def _torch_optimizer_states(folder: Path, mp_rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+    """The same from a ZeRO-0 (fp32) checkpoint: the whole module and the torch optimizer's state, whose entries
+    are numbered in the order of the engine's parameter groups (engine.param_groups: matrices, then the rest)."""
+    states = _load(folder / f"mp_rank_{mp_rank:02d}_model_states.pt")
+    module, optim = states.get("module"), states.get("optimizer")
+    if module is None or not optim or not optim.get("state"):
+        raise ReshardError(f"{folder}: no optimizer state by parameter (a ZeRO-0 pipeline or bf16 checkpoint keeps "
+                           f"it elsewhere); resume it with the layout that wrote it")
+    buffers, seen, names = set(states.get("buffer_names") or []), set(), []
+    for k, v in module.items():
+        if k not in buffers and v.untyped_storage().data_ptr() not in seen:  # a tied weight is one parameter
+            seen.add(v.untyped_storage().data_ptr())
+            names.append(k)
+    ordered = [n for n in names if module[n].dim() >= 2] + [n for n in names if module[n].dim() < 2]
+    indices = [i for group in optim["param_groups"] for i in group["params"]]
+    if len(indices) != len(ordered):
+        raise ReshardError(f"{folder}: {len(indices)} optimizer entries for {len(ordered)} parameters")
+    out = {"fp32": {n: module[n] for n in ordered}}
+    for key in KEYS[1:]:
+        out[key] = {n: optim["state"][i][key] for i, n in zip(indices, ordered)}
+    return out, torch.as_tensor(optim["state"][indices[0]]["step"], dtype=torch.float32).clone()
+
+
 def universal_state(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
     """{key: {Meta name: full fp32 tensor}} and the optimizer step, from a ZeRO-1/2/3 checkpoint of any layout."""
     cfg = json.loads((folder / "mtp_config.json").read_text())
     tensor, pipeline = cfg.get("parallel", {}).get("tensor", 1), cfg.get("parallel", {}).get("pipeline", 1)
     n_trunk = model_config_from_json(cfg["model"], str(folder / "mtp_config.json")).n_trunk_layers
-    if not any(folder.glob("zero_pp_rank_*_optim_states.pt")):
-        raise ReshardError(f"cannot carry {folder} into another layout: it was written without ZeRO (stage 0), "
-                           f"whose files keep the Adam moments by position, not by parameter; resume it with the "
-                           f"layout that wrote it (any ZeRO stage >= 1 checkpoint can be carried)")
+    zero = any(folder.glob("zero_pp_rank_*_optim_states.pt"))
     by_tensor_rank: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     step = None
     for mp_rank in range(tensor * pipeline):
-        states, step = _mp_rank_states(folder, mp_rank)
+        states, step = (_mp_rank_states if zero else _torch_optimizer_states)(folder, mp_rank)
         for key, sd in states.items():
             if pipeline > 1:
                 sd = {meta_name(k, n_trunk): v for k, v in sd.items()}

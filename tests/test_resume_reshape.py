@@ -77,11 +77,14 @@ def assert_same_run(reference, records, weights, tol=1e-5):
 @pytest.mark.parametrize("a, b, says", [
     ((2, 1, ()), (1, 1, ()), ["data-parallel size 2 -> 1", "train.grad_accum_steps 2 -> 4"]),
     ((2, 3, ()), (1, 3, ()), ["data-parallel size 2 -> 1"]),
-    ((2, 1, ("--parallel.tensor", "2", "--train.grad_accum_steps", "4")), (1, 1, ()), ["parallel.tensor 2 -> 1"]),
+    ((1, 0, ("--train.grad_accum_steps", "4")), (2, 1, ()),
+     ["data-parallel size 1 -> 2", "ZeRO stage 0 -> 1", "train.grad_accum_steps 4 -> 2"]),
+    ((2, 1, ("--parallel.tensor", "2", "--train.grad_accum_steps", "4")), (1, 0, ()),
+     ["parallel.tensor 2 -> 1", "ZeRO stage 1 -> 0"]),
     ((2, 1, ("--parallel.pipeline", "2", "--train.grad_accum_steps", "4")), (1, 1, ()), ["parallel.pipeline 2 -> 1"]),
     ((2, 1, ()), (2, 1, ("--parallel.pipeline", "2")), ["parallel.pipeline 1 -> 2", "train.grad_accum_steps 2 -> 4"]),
     ((2, 1, ()), (2, 3, ()), ["ZeRO stage 1 -> 3"]),
-], ids=["dp2-1-zero1", "dp2-1-zero3", "tp2-1", "pp2-1", "pp1-2", "zero1-3"])
+], ids=["dp2-1-zero1", "dp2-1-zero3", "dp1-2-zero0-1", "tp2-1-zero1-0", "pp2-1", "pp1-2", "zero1-3"])
 def test_resume_on_another_layout_continues_the_same_run(tmp_path, reference, a, b, says):
     records, weights, log = resume_elsewhere(tmp_path, layout(tmp_path, a[0], a[1], *a[2]),
                                              layout(tmp_path, b[0], b[1], *b[2]))
