@@ -27,7 +27,7 @@ from mtplm.data.fingerprint import TOKENIZER, differences
 
 from .config import TrainConfig, to_dict
 from .consistency import broadcast, refuse_together, stop_together
-from .reshard import (CHANGES_KEY, UNIVERSAL, layout_changes, load_universal, needs_reshard,
+from .reshard import (CHANGES_KEY, UNIVERSAL, ReshardError, layout_changes, load_universal, needs_reshard,
                       plan_batch, saved_layout, write_universal)
 
 LATEST = "latest"
@@ -119,6 +119,10 @@ def save_checkpoint(engine, cfg: TrainConfig, step: int, client_state: dict) -> 
         # run in the same out_dir): unmark it before its files are rewritten, so a crash meanwhile cannot leave
         # a folder marked complete that mixes two saves.
         (folder / COMPLETE).unlink(missing_ok=True)
+        # Then its files go: a save of another layout writes other files (fewer ranks, other partitions), and
+        # leftovers of the old one (or its layout-free form, reshard.py) would be read as part of the new one.
+        for old in folder.iterdir() if folder.is_dir() else []:
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     dist.barrier()
     failures: list[str] = []
     ds_engine = engine.checkpoint_engine
@@ -354,7 +358,12 @@ def load_checkpoint(engine, cfg: TrainConfig, folder: Path, data_fp: dict | None
     layout is loaded through its layout-free form (reshard.py); client_state[CHANGES_KEY] says what changed."""
     plan = _reshard_plan(engine, cfg, folder)
     if plan["reshard"]:
-        client_state = load_universal(engine, folder, cfg.model.n_trunk_layers)
+        client_state, problem = None, None
+        try:
+            client_state = load_universal(engine, folder, cfg.model.n_trunk_layers)
+        except ReshardError as e:
+            problem = str(e)
+        refuse_together(problem, f"train.resume: cannot carry {folder} into this layout:")
         plan["changes"].append(f"optimizer state (fp32 masters, Adam moments, step) carried over through "
                                f"{folder / UNIVERSAL}")
     else:

@@ -31,7 +31,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -148,7 +147,8 @@ def _mp_rank_states(folder: Path, mp_rank: int) -> tuple[dict[str, dict[str, tor
     stage, world = int(optims[0]["zero_stage"]), optims[0]["partition_count"]
     world = max(world) if isinstance(world, list) else world
     if world != len(optims):
-        raise ReshardError(f"{folder}: {len(optims)} optimizer files for {mine}, DeepSpeed's partition count is {world}")
+        raise ReshardError(f"{folder}: {len(optims)} optimizer files for {mine}, DeepSpeed's partition count is "
+                           f"{world}")
     out = {}
     for key in KEYS:
         groups = []
@@ -284,7 +284,8 @@ def _set_z3(opt, p, key: str, full: torch.Tensor) -> None:
 
 
 def load_universal(engine, folder: Path, n_trunk: int) -> dict:
-    """Collective: every parameter of this rank, its master and Adam moments, the optimizer step, the LR schedule
+    """Raises ReshardError for a form that does not fit this model (the caller then refuses on every rank
+    together). Every parameter of this rank, its master and Adam moments, the optimizer step, the LR schedule
     and DeepSpeed's counters from folder/universal. Returns the checkpoint's client state."""
     from deepspeed.pipe import PipelineModule
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
@@ -327,5 +328,4 @@ def load_universal(engine, folder: Path, n_trunk: int) -> dict:
     engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
     engine.global_steps, engine.global_samples = state["global_steps"], state["global_samples"]
     engine.skipped_steps = state["skipped_steps"]
-    dist.barrier()
     return dict(state["client_state"])
