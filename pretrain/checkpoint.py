@@ -122,7 +122,10 @@ def save_checkpoint(engine, cfg: TrainConfig, step: int, client_state: dict) -> 
         # Then its files go: a save of another layout writes other files (fewer ranks, other partitions), and
         # leftovers of the old one (or its layout-free form, reshard.py) would be read as part of the new one.
         for old in folder.iterdir() if folder.is_dir() else []:
-            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink(missing_ok=True)
     dist.barrier()
     failures: list[str] = []
     ds_engine = engine.checkpoint_engine
@@ -270,8 +273,8 @@ def decide_resume(cfg: TrainConfig, ds_cfg: dict | None = None) -> Path | None:
     """Collective. Rank 0 decides what to resume from (or that there is nothing) and checks the configuration
     against that checkpoint once; every rank then checks it can read the very same checkpoint, and if one cannot,
     all stop together. Ranks that looked on their own could pick different checkpoints and train apart.
-    With another data-parallel size, train.grad_accum_steps (and ds_cfg's batch keys) are changed here to keep
-    the checkpoint's global batch."""
+    On another parallel layout, train.grad_accum_steps (and ds_cfg's batch keys) are changed here to keep the
+    checkpoint's global batch."""
     t = cfg.train
     decision = None
     if dist.get_rank() == 0:
@@ -339,9 +342,8 @@ def _reshard_plan(engine, cfg: TrainConfig, folder: Path) -> dict:
     plan = None
     if dist.get_rank() == 0:
         try:
-            saved = saved_layout(folder)
-            plan = {"changes": layout_changes(saved, _layout_now(engine, cfg)),
-                    "reshard": needs_reshard(saved, _layout_now(engine, cfg)), "error": None}
+            saved, now = saved_layout(folder), _layout_now(engine, cfg)
+            plan = {"changes": layout_changes(saved, now), "reshard": needs_reshard(saved, now), "error": None}
             if plan["reshard"]:
                 write_universal(folder)
         except Exception as e:  # noqa: BLE001 - the other ranks wait for this decision: they must hear of it

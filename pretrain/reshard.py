@@ -253,6 +253,10 @@ def _init_optimizer_states(engine, step: torch.Tensor) -> str:
     DeepSpeed's fragment API has somewhere to write. Returns the kind of optimizer: z3, hp (ZeRO-1/2 and the bf16
     optimizer: DeepSpeed's lp->hp fragment mapping) or torch."""
     opt = engine.optimizer
+    if getattr(opt, "swap_optimizer", False):
+        raise ReshardError("this run swaps the optimizer state to NVMe (offload_optimizer.device nvme), which the "
+                           "layout-free form cannot be written into; resume with the checkpoint's own layout or "
+                           "without NVMe offload")
 
     def fresh(flat):
         return {"step": step.clone(), "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from dist_launch import REPO, run_ranks
 from dist_training import TINY, ds_json
+from mtplm.pretrain.reshard import plan_batch
 
 WORKER = "tests/workers/train_synthetic.py"
 # Global batch 8 in every layout: micro-batch 2 x accumulation x data-parallel size.
@@ -107,3 +108,17 @@ def test_resume_refuses_a_different_global_batch(tmp_path):
                       "auto", "--train.micro_batch_size", "3"], timeout=900)
     assert "no whole number of accumulation steps" not in str(e.value)  # same data-parallel size: nothing adjusts
     assert "this run's micro-batch 3 x accumulation 2 x data-parallel 1 = 6" in str(e.value)
+
+
+def test_the_global_batch_is_kept_by_the_accumulation_steps():
+    saved = {"micro_batch_size": 2, "grad_accum_steps": 2, "data_parallel": 4, "tensor": 1, "pipeline": 1}
+    assert plan_batch(saved, 2, 2, 4, 1, 1) == (2, None)  # the same layout
+    assert plan_batch(saved, 2, 2, 2, 1, 1) == (4, None)  # half the nodes: twice the accumulation
+    assert plan_batch(saved, 2, 2, 8, 1, 1) == (1, None)
+    assert plan_batch(saved, 4, 2, 2, 1, 1) == (2, None)  # micro-batch 4 on two replicas: 16 already
+    assert plan_batch(saved, 2, 1, 4, 2, 1) == (2, None)  # tensor parallel added, as many replicas
+    gas, why = plan_batch(saved, 2, 2, 3, 1, 1)  # 16 samples do not split over 3 replicas of 2
+    assert gas is None and "no whole number of accumulation steps gives 16" in why
+    gas, why = plan_batch(saved, 2, 4, 4, 1, 1)  # the same layout with a larger batch: refused, not adjusted
+    assert gas is None and "this run's micro-batch 2 x accumulation 4 x data-parallel 4 = 32" in why
+    assert "\n" not in why
