@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
-from dist_launch import REPO, run_ranks
+from dist_launch import run_ranks
 from dist_training import TINY, ds_json
-from mtplm.pretrain.reshard import plan_batch
+from mtplm.pretrain.checkpoint import COMPLETE, checkpoint_dir, save_checkpoint, tag_for
+from mtplm.pretrain.config import TrainConfig
+from mtplm.pretrain.reshard import UNIVERSAL, plan_batch
 
 WORKER = "tests/workers/train_synthetic.py"
 # Global batch 8 in every layout: micro-batch 2 x accumulation x data-parallel size.
@@ -122,3 +124,29 @@ def test_the_global_batch_is_kept_by_the_accumulation_steps():
     gas, why = plan_batch(saved, 2, 4, 4, 1, 1)  # the same layout with a larger batch: refused, not adjusted
     assert gas is None and "this run's micro-batch 2 x accumulation 4 x data-parallel 4 = 32" in why
     assert "\n" not in why
+
+
+class OneFileEngine:
+    checkpoint_engine = None
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        (Path(root) / tag / "mp_rank_00_model_states.pt").write_bytes(b"new")
+
+
+def test_a_save_over_a_step_folder_leaves_nothing_of_the_old_layout(tmp_path):
+    """A resumed run on fewer ranks that saves the same step again: the old run's partitions and the layout-free
+    form of the old files would otherwise be read as part of the new checkpoint."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        cfg = TrainConfig()
+        cfg.train.out_dir = str(tmp_path / "run")
+        folder = checkpoint_dir(cfg.train.out_dir) / tag_for(3)
+        (folder / UNIVERSAL).mkdir(parents=True)
+        (folder / UNIVERSAL / "fp32.safetensors").write_bytes(b"old")
+        for name in ("zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank1.pt", COMPLETE):
+            (folder / name).write_bytes(b"old")
+        save_checkpoint(OneFileEngine(), cfg, 3, {})
+    finally:
+        dist.destroy_process_group()
+    assert sorted(p.name for p in folder.iterdir()) == [COMPLETE, "mp_rank_00_model_states.pt", "mtp_config.json",
+                                                        "rng_rank0.pt"]
