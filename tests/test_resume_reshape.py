@@ -112,6 +112,19 @@ def test_resume_refuses_a_different_global_batch(tmp_path):
     assert "this run's micro-batch 3 x accumulation 2 x data-parallel 1 = 6" in str(e.value)
 
 
+@pytest.mark.distributed
+def test_resume_refuses_a_layout_change_it_cannot_carry(tmp_path):
+    """A pipeline run under ZeRO-0 keeps its Adam moments by position in each stage's optimizer, not by
+    parameter: it resumes on its own layout only, and any other is refused with one message on every rank."""
+    out = tmp_path / "pp"
+    run_ranks(2, [WORKER, "--config", write_config(tmp_path), "--train.out_dir", str(out), "--train.steps", "1",
+                  "--parallel.pipeline", "2", "--train.grad_accum_steps", "4"], timeout=900)
+    with pytest.raises(RuntimeError) as e:
+        run_ranks(1, [WORKER, "--config", write_config(tmp_path), "--train.out_dir", str(out), "--train.resume",
+                      "auto"], timeout=900)
+    assert "cannot carry" in str(e.value) and "no optimizer state by parameter" in str(e.value)
+
+
 def test_the_global_batch_is_kept_by_the_accumulation_steps():
     saved = {"micro_batch_size": 2, "grad_accum_steps": 2, "data_parallel": 4, "tensor": 1, "pipeline": 1}
     assert plan_batch(saved, 2, 2, 4, 1, 1) == (2, None)  # the same layout
