@@ -248,6 +248,12 @@ def _tensor_parallel(engine) -> tuple[int, int]:
     return mpu.get_slice_parallel_rank(), mpu.get_slice_parallel_world_size()
 
 
+def _step_for(optimizer, step: torch.Tensor):
+    """The step as the optimizer keeps it: torch's Adam/AdamW a float tensor on the CPU, DeepSpeed's fused (GPU)
+    and CPU Adam a Python int that they hand to their kernels."""
+    return step.clone() if type(optimizer).__module__.startswith("torch.optim") else int(step)
+
+
 def _init_optimizer_states(engine, step: torch.Tensor) -> str:
     """Adam's state is created lazily at the first step; it is created here (zeros, to be overwritten) so that
     DeepSpeed's fragment API has somewhere to write. Returns the kind of optimizer: z3, hp (ZeRO-1/2 and the bf16
@@ -259,7 +265,8 @@ def _init_optimizer_states(engine, step: torch.Tensor) -> str:
                            "without NVMe offload")
 
     def fresh(flat):
-        return {"step": step.clone(), "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        return {"step": _step_for(opt.optimizer, step), "exp_avg": torch.zeros_like(flat),
+                "exp_avg_sq": torch.zeros_like(flat)}
 
     if engine.zero_optimization_stage() == 3:
         for flat in opt.fp32_partitioned_groups_flat:
@@ -328,7 +335,7 @@ def load_universal(engine, folder: Path, n_trunk: int) -> dict:
             else:
                 opt.state[p][key] = full.clone()
         if kind == "torch":
-            opt.state[p]["step"] = state["step"].clone()
+            opt.state[p]["step"] = _step_for(opt, state["step"])
     engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
     engine.global_steps, engine.global_samples = state["global_steps"], state["global_samples"]
     engine.skipped_steps = state["skipped_steps"]
