@@ -239,7 +239,7 @@ def write_universal(folder: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Layout-free form -> this run's engine (collective)
+# Layout-free form -> this run's engine (every rank, its own slices)
 
 def _tensor_parallel(engine) -> tuple[int, int]:
     mpu = getattr(engine, "mpu", None)
