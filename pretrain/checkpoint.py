@@ -27,6 +27,8 @@ from mtplm.data.fingerprint import TOKENIZER, differences
 
 from .config import TrainConfig, to_dict
 from .consistency import broadcast, refuse_together, stop_together
+from .reshard import (CHANGES_KEY, UNIVERSAL, ReshardError, layout_changes, load_universal, needs_reshard,
+                      plan_batch, saved_layout, write_universal)
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -117,6 +119,13 @@ def save_checkpoint(engine, cfg: TrainConfig, step: int, client_state: dict) -> 
         # run in the same out_dir): unmark it before its files are rewritten, so a crash meanwhile cannot leave
         # a folder marked complete that mixes two saves.
         (folder / COMPLETE).unlink(missing_ok=True)
+        # Then its files go: a save of another layout writes other files (fewer ranks, other partitions), and
+        # leftovers of the old one (or its layout-free form, reshard.py) would be read as part of the new one.
+        for old in folder.iterdir() if folder.is_dir() else []:
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink(missing_ok=True)
     dist.barrier()
     failures: list[str] = []
     ds_engine = engine.checkpoint_engine
@@ -195,15 +204,14 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
     return path
 
 
-# Fields whose change makes a checkpoint a different model or different data, or changes the layout DeepSpeed's
-# files are cut for (its loader cannot re-shard tensor or pipeline parallelism); refused on resume.
+# Fields whose change makes a checkpoint a different model or different data; refused on resume. The layout
+# (data-parallel, tensor and pipeline sizes, ZeRO stage, micro-batch and accumulation) may change as long as the
+# global batch stays (reshard.py).
 _MUST_MATCH = [("model", k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "n_future_tokens",
                                       "multiple_of", "ffn_dim_multiplier", "tie_embeddings", "vocab_pad_multiple")]
 # data.datasets and data.tokenizer are compared by content (load_checkpoint), not by path: data may move, or be
 # node-local copies.
-_MUST_MATCH += [("data", "seq_len"), ("data", "seed"),
-                ("train", "micro_batch_size"), ("train", "grad_accum_steps"), ("parallel", "tensor"),
-                ("parallel", "pipeline")]
+_MUST_MATCH += [("data", "seq_len"), ("data", "seed")]
 
 
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
@@ -250,10 +258,23 @@ def unreadable(folder: Path, files: dict[str, int]) -> str | None:
     return None
 
 
-def decide_resume(cfg: TrainConfig) -> Path | None:
+def _batch_plan(folder: Path, cfg: TrainConfig, dp_world: int) -> tuple[int | None, str | None]:
+    """(accumulation steps that keep the checkpoint's global batch, or None; the refusal, or None)."""
+    try:
+        saved = saved_layout(folder)
+    except Exception:  # noqa: BLE001 - unreadable here: load_checkpoint says why, after every rank checked its view
+        return cfg.train.grad_accum_steps, None
+    gas, why = plan_batch(saved, cfg.train.micro_batch_size, cfg.train.grad_accum_steps, dp_world,
+                          cfg.parallel.tensor, cfg.parallel.pipeline)
+    return gas, None if why is None else f"cannot resume from {folder}: {why}"
+
+
+def decide_resume(cfg: TrainConfig, ds_cfg: dict | None = None) -> Path | None:
     """Collective. Rank 0 decides what to resume from (or that there is nothing) and checks the configuration
     against that checkpoint once; every rank then checks it can read the very same checkpoint, and if one cannot,
-    all stop together. Ranks that looked on their own could pick different checkpoints and train apart."""
+    all stop together. Ranks that looked on their own could pick different checkpoints and train apart.
+    On another parallel layout, train.grad_accum_steps (and ds_cfg's batch keys) are changed here to keep the
+    checkpoint's global batch."""
     t = cfg.train
     decision = None
     if dist.get_rank() == 0:
@@ -262,6 +283,9 @@ def decide_resume(cfg: TrainConfig) -> Path | None:
             decision = {"tag": None, "error": None} if folder is None else {
                 "tag": folder.name, "root": str(folder.parent.resolve()), "files": checkpoint_files(folder),
                 "error": resume_config_problem(folder, cfg)}
+            if folder is not None and decision["error"] is None:
+                dp_world = dist.get_world_size() // (cfg.parallel.tensor * cfg.parallel.pipeline)
+                decision["grad_accum"], decision["error"] = _batch_plan(folder, cfg, dp_world)
         except (OSError, ValueError) as e:
             decision = {"tag": None, "error": str(e)}
     decision = broadcast(decision)
@@ -269,6 +293,12 @@ def decide_resume(cfg: TrainConfig) -> Path | None:
         stop_together(decision["error"])
     if decision["tag"] is None:
         return None
+    if decision["grad_accum"] != t.grad_accum_steps:
+        t.grad_accum_steps = decision["grad_accum"]
+        if ds_cfg is not None:
+            ds_cfg["gradient_accumulation_steps"] = t.grad_accum_steps
+            ds_cfg["train_batch_size"] = t.micro_batch_size * t.grad_accum_steps * (
+                dist.get_world_size() // (cfg.parallel.tensor * cfg.parallel.pipeline))
     # `auto` is relative to each rank's own out_dir (nodes may mount the shared filesystem at different paths).
     root = checkpoint_dir(t.out_dir) if t.resume == "auto" else Path(decision["root"])
     folder = root / decision["tag"]
@@ -298,17 +328,57 @@ def data_problem(folder: Path, saved: dict, data_fp: dict | None, cfg_tokenizer:
             f"tokens and a hash of their index, so a moved copy is fine):\n  " + "\n  ".join(lines))
 
 
+def _layout_now(engine, cfg: TrainConfig) -> dict:
+    t, p = cfg.train, cfg.parallel
+    precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+    return {"data_parallel": dist.get_world_size() // (p.tensor * p.pipeline), "tensor": p.tensor,
+            "pipeline": p.pipeline, "zero_stage": engine.zero_optimization_stage(), "precision": precision,
+            "micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps}
+
+
+def _reshard_plan(engine, cfg: TrainConfig, folder: Path) -> dict:
+    """Collective: rank 0 compares the checkpoint's layout with this run's and, for a layout DeepSpeed cannot load
+    into, writes the checkpoint's layout-free form."""
+    plan = None
+    if dist.get_rank() == 0:
+        try:
+            saved, now = saved_layout(folder), _layout_now(engine, cfg)
+            plan = {"changes": layout_changes(saved, now), "reshard": needs_reshard(saved, now), "error": None}
+            if plan["reshard"]:
+                write_universal(folder)
+        except Exception as e:  # noqa: BLE001 - the other ranks wait for this decision: they must hear of it
+            plan = {"error": f"train.resume: cannot carry {folder} into this layout: {e}"}
+    plan = broadcast(plan)
+    if plan["error"]:
+        stop_together(plan["error"])
+    return plan
+
+
 def load_checkpoint(engine, cfg: TrainConfig, folder: Path, data_fp: dict | None = None) -> dict:
     """Collective. `folder` comes from decide_resume (configuration already checked); the data fingerprint is
-    kept in DeepSpeed's client state, so it is compared, on rank 0, once that is loaded."""
-    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    kept in DeepSpeed's client state, so it is compared, on rank 0, once that is loaded. A checkpoint of another
+    layout is loaded through its layout-free form (reshard.py); client_state[CHANGES_KEY] says what changed."""
+    plan = _reshard_plan(engine, cfg, folder)
+    if plan["reshard"]:
+        client_state, problem = None, None
+        try:
+            client_state = load_universal(engine, folder, cfg.model.n_trunk_layers)
+        except ReshardError as e:
+            problem = str(e)
+        refuse_together(problem, f"train.resume: cannot carry {folder} into this layout:")
+        plan["changes"].append(f"optimizer state (fp32 masters, Adam moments, step) carried over through "
+                               f"{folder / UNIVERSAL}")
+    else:
+        _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     refuse_together(None if client_state is not None else "DeepSpeed could not load it",
                     f"train.resume: {folder} could not be loaded on every rank:")
+    client_state[CHANGES_KEY] = plan["changes"]
     problem = data_problem(folder, client_state, data_fp, cfg.data.tokenizer) if dist.get_rank() == 0 else None
     problem = broadcast(problem)
     if problem:
         stop_together(problem)
-    rng_file = folder / f"rng_rank{dist.get_rank()}.pt"
+    # Every rank starts from the same seed; in another layout the ranks are other ranks, so they take rank 0's.
+    rng_file = folder / f"rng_rank{0 if plan['reshard'] else dist.get_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return client_state

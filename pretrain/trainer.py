@@ -14,7 +14,7 @@ import torch.distributed as dist
 from mtplm.inference.acceptance import AcceptanceCounts
 
 from .build_model import build_model, local_parameter_count
-from .checkpoint import (DATA_KEY, CheckpointSaveError, checkpoint_dir, decide_resume, load_checkpoint,
+from .checkpoint import (CHANGES_KEY, DATA_KEY, CheckpointSaveError, checkpoint_dir, decide_resume, load_checkpoint,
                          save_checkpoint)
 from .config import TrainConfig
 from .consistency import agree_on_data, check_shared_folder
@@ -66,7 +66,7 @@ class Trainer:
         # the checkpoint rank 0 chose; otherwise all ranks stop here together.
         self.data_fingerprint = agree_on_data(cfg.data, cfg.model.n_future_tokens)
         check_shared_folder(checkpoint_dir(t.out_dir))
-        resume_from = decide_resume(cfg)
+        resume_from = decide_resume(cfg, ds_cfg)  # may change grad_accum_steps to keep the global batch
         model, init_notes = build_model(cfg, ds_cfg, self.layout)
         self.local_params, self.total_params = local_parameter_count(model)
         self.zero_stage, self.precision = zero_stage(ds_cfg), precision(ds_cfg)
@@ -84,6 +84,8 @@ class Trainer:
             self.engine.lr_scheduler.apply()  # ZeRO loads its optimizer state (and the saved rate) last
             self.logger.info(f"resumed from {resume_from} at step {self.step} "
                              f"({self.consumed_samples} samples consumed)")
+            for change in state[CHANGES_KEY]:
+                self.logger.info(f"resumed with {change}")
         self.logger.start_at(self.step)  # records past the checkpoint belong to the run being replaced
         self.task_accuracy = TaskAccuracy(cfg, self.steps, self.layout.tensor.rank == 0 and self.layout.dp_rank == 0,
                                           self.dist.rank == 0)
