@@ -25,10 +25,12 @@ import deepspeed
 
 from mtplm.model.transformer import MTPTransformer
 
+from .compile import apply_compile
 from .config import TrainConfig
 from .ds_config import zero_stage
 from .init_from import load_initial_weights
 from .parallel_layout import ParallelLayout
+from .recompute import apply_selective_recompute
 from .tensor_parallel import apply_tensor_parallel
 
 
@@ -45,11 +47,16 @@ def build_model(cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout) -> tuple
     t = cfg.train
     with construction_context(ds_cfg, layout):
         # The pipeline layout recomputes with DeepSpeed's own interval instead (same meaning; see pipeline.py).
-        interval = t.activation_checkpoint_interval if t.activation_checkpointing and not layout.pipeline else 0
+        full = t.activation_checkpointing and t.activation_checkpoint_policy == "full"
+        interval = t.activation_checkpoint_interval if full and not layout.pipeline else 0
         model = MTPTransformer(cfg.model, loss_impl=t.loss_impl, ce_chunk_tokens=t.ce_chunk_tokens or None,
                                activation_checkpoint_interval=interval)
     notes = load_initial_weights(model, t.init_from) if t.init_from else []
     apply_tensor_parallel(model, layout.tensor)
+    if t.activation_checkpointing and t.activation_checkpoint_policy == "selective":
+        apply_selective_recompute(model)
+    if t.compile:
+        apply_compile(model, fullgraph=zero_stage(ds_cfg) != 3)
     return model, notes
 
 

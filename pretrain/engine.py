@@ -70,7 +70,8 @@ def build_engine(cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout, model, 
         # grid from the module.
         model, pipe_loss = build_pipeline_module(
             model, layout.grid.topology(), cfg.parallel.pipeline_partition,
-            checkpoint_interval=t.activation_checkpoint_interval if t.activation_checkpointing else 0)
+            checkpoint_interval=t.activation_checkpoint_interval
+            if t.activation_checkpointing and t.activation_checkpoint_policy == "full" else 0)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg,
         lr_scheduler=scheduler_factory(cfg.optim, t.steps),
