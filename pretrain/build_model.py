@@ -56,7 +56,7 @@ def build_model(cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout) -> tuple
     if t.activation_checkpointing and t.activation_checkpoint_policy == "selective":
         apply_selective_recompute(model)
     if t.compile:
-        apply_compile(model, fullgraph=zero_stage(ds_cfg) != 3)
+        apply_compile(model, fullgraph=zero_stage(ds_cfg) != 3, backend=t.compile_backend)
     return model, notes
 
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 import torch
 
 
-def apply_compile(model, fullgraph: bool = True) -> int:
+def apply_compile(model, fullgraph: bool = True, backend: str = "inductor") -> int:
     """Compile every transformer block and the loss's chunk cross-entropy in place; returns the block count."""
     blocks = [*model.layers, *model.extra_heads]
     for block in blocks:
-        block.compile(fullgraph=fullgraph)
-    model.loss.cross_entropy = torch.compile(model.loss.cross_entropy, fullgraph=fullgraph)
+        block.compile(fullgraph=fullgraph, backend=backend)
+    model.loss.cross_entropy = torch.compile(model.loss.cross_entropy, fullgraph=fullgraph, backend=backend)
     return len(blocks)
 
 
