@@ -77,3 +77,10 @@ def test_recompute_policies_train_like_keeping_everything(eager, policy):
     assert train_losses(with_policy(model, policy)) == pytest.approx(ref_losses, rel=1e-6)
     for k, v in ref_state.items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_compile_backend_is_a_validated_config_field():
+    from mtplm.pretrain.config import ConfigError, TrainConfig, from_dict
+
+    with pytest.raises(ConfigError, match=r"^train.compile_backend: 'inductr' is not a torch.compile backend"):
+        from_dict(TrainConfig, {"train": {"compile": True, "compile_backend": "inductr"}})
