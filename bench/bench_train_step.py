@@ -91,11 +91,12 @@ def child(args) -> None:
             return b.pin_memory() if pin else b  # as the real loader: pinned, copied with non_blocking
         return iter(batch, None), None
 
-    prof = None
-    if args.profile:
+    prof, summary = None, []
+    if args.profile:  # the timed steps only: the warm-up (compilation) is left out
         from torch.profiler import ProfilerActivity, profile, schedule
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        prof = profile(activities=acts, schedule=schedule(wait=0, warmup=args.warmup, active=args.steps))
+        prof = profile(activities=acts, schedule=schedule(wait=args.warmup, warmup=0, active=args.steps, repeat=1),
+                       on_trace_ready=lambda p: summary.extend(profile_summary(p)))
 
     trainer = Trainer(cfg, data_loaders=loaders)
     if prof is not None:  # one profiler step per optimizer step
@@ -113,7 +114,7 @@ def child(args) -> None:
               "tokens_per_s": tps, "step_s": cfg.train.micro_batch_size * cfg.data.seq_len / tps,
               "mfu": statistics.median(r["mfu"] for r in timed) if "mfu" in timed[0] else None,
               "peak_mem_gb": max(r.get("peak_mem_gb", 0.0) for r in timed) or None,
-              "profile": profile_summary(prof) if prof is not None else []}
+              "profile": summary}
     print("RESULT " + json.dumps(record), flush=True)
 
 
