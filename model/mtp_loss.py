@@ -216,13 +216,15 @@ def _run_heads(heads, loss, h_leaf, rope, targets, grad_scale, needs_grad, argma
     out_last_use_here = not cfg.tie_embeddings
     n_tokens = targets[0].numel()
     chunk = loss.chunk_tokens or default_chunk_tokens(n_tokens, cfg.dim, cfg.padded_vocab_size)
-    valid = [int((targets[k] != cfg.ignore_index).sum()) for k in range(n)]
-    coefs = [weights[k] / max(valid[k], 1) if valid[k] else 0.0 for k in range(n)]
+    # Counts stay on the device (no host synchronisation inside the step): a head whose targets are all masked
+    # gets coefficient weight / 1 on a loss and gradients of zero.
+    valid = (targets != cfg.ignore_index).flatten(1).sum(1).clamp(min=1)
+    coefs = torch.tensor(weights, dtype=torch.float32, device=h_leaf.device) / valid
     # Shared parameters may be reduced only after their last gradient: in the last head that has one.
-    last_active = max((k for k in range(n) if coefs[k] > 0), default=-1)
+    last_active = max((k for k in range(n) if weights[k] > 0), default=-1)
     head_losses = []
     for k in range(n):
-        last_head, coef = k == last_active, coefs[k]
+        last_head, coef, active = k == last_active, coefs[k], weights[k] > 0
         tgt = targets[k].reshape(-1)
         z = heads.norm(heads.head_forward(k, h_leaf, rope)).reshape(n_tokens, -1)
         z_detached = z.detach()
@@ -237,15 +239,15 @@ def _run_heads(heads, loss, h_leaf, rope, targets, grad_scale, needs_grad, argma
             loss_sum += chunk_loss.detach()
             if argmax_out is not None:
                 argmax_out[k].view(-1)[s:e] = logits.detach()[:, : cfg.vocab_size].argmax(-1)
-            if needs_grad and coef > 0:
+            if needs_grad and active:
                 loss._set_ready([out_w], out_last_use_here and last_head and i == len(starts) - 1)
                 torch.autograd.backward(chunk_loss * (coef * grad_scale))
                 grad_z[s:e] = z_chunk.grad
             del logits, chunk_loss
-        if needs_grad and coef > 0:
+        if needs_grad and active:
             loss._set_ready([norm_w], last_head)
             torch.autograd.backward(z, grad_z)
-        head_losses.append(loss_sum / max(valid[k], 1))
+        head_losses.append(loss_sum / valid[k])
         del z, z_detached, grad_z
     if needs_grad:
         loss._set_ready([norm_w, out_w], True)

@@ -189,8 +189,16 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
+        # Set from outside to recompute part of the block in backward (selective activation checkpointing):
+        # called as recompute(fn, x, rope) -> fn(x, rope), in training forwards only (grad on, no KV cache).
+        self.recompute = None
 
     def forward(self, x, rope, cache=None, attn_mask=None):
+        if self.recompute is not None and cache is None and attn_mask is None and torch.is_grad_enabled():
+            return self.recompute(self._forward, x, rope)
+        return self._forward(x, rope, cache, attn_mask)
+
+    def _forward(self, x, rope, cache=None, attn_mask=None):
         x = x + self.attention(self.attention_norm(x), rope, cache, attn_mask)
         return x + self.feed_forward(self.ffn_norm(x))
 

@@ -27,11 +27,13 @@ import deepspeed
 
 from mtplm.model.transformer import MTPTransformer
 
+from .compile import apply_compile
 from .config import TrainConfig
 from .ds_config import zero_stage
 from .init_from import load_initial_weights
 from .lean_init import build_lean
 from .parallel_layout import ParallelLayout
+from .recompute import apply_selective_recompute
 from .tensor_parallel import apply_tensor_parallel
 
 
@@ -40,19 +42,24 @@ def build_model(cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout) -> tuple
     returns it and notes on how init_from's weights were adapted. Collective under ZeRO-3."""
     t = cfg.train
     # The pipeline layout recomputes with DeepSpeed's own interval instead (same meaning; see pipeline.py).
-    interval = t.activation_checkpoint_interval if t.activation_checkpointing and not layout.pipeline else 0
+    full = t.activation_checkpointing and t.activation_checkpoint_policy == "full"
+    interval = t.activation_checkpoint_interval if full and not layout.pipeline else 0
 
     def make():
         return MTPTransformer(cfg.model, loss_impl=t.loss_impl, ce_chunk_tokens=t.ce_chunk_tokens or None,
                               activation_checkpoint_interval=interval)
 
     if zero_stage(ds_cfg) != 3:
-        return build_lean(make, layout, cfg.parallel.pipeline_partition, t.init_from)
-    # ZeRO-3: partitioned over the data-parallel group that the engine will use.
-    with deepspeed.zero.Init(config_dict_or_path=ds_cfg, data_parallel_group=layout.dp_group, mpu=layout.grid):
-        model = make()
-    notes = load_initial_weights(model, t.init_from) if t.init_from else []
-    apply_tensor_parallel(model, layout.tensor)
+        model, notes = build_lean(make, layout, cfg.parallel.pipeline_partition, t.init_from)
+    else:  # partitioned over the data-parallel group that the engine will use
+        with deepspeed.zero.Init(config_dict_or_path=ds_cfg, data_parallel_group=layout.dp_group, mpu=layout.grid):
+            model = make()
+        notes = load_initial_weights(model, t.init_from) if t.init_from else []
+        apply_tensor_parallel(model, layout.tensor)
+    if t.activation_checkpointing and t.activation_checkpoint_policy == "selective":
+        apply_selective_recompute(model)
+    if t.compile:
+        apply_compile(model, fullgraph=zero_stage(ds_cfg) != 3, backend=t.compile_backend)
     return model, notes
 
 

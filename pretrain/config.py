@@ -52,7 +52,13 @@ class TrainLoopConfig:
     loss_impl: str = "sequential"  # "sequential" (memory-flat in n) or "naive" (reference)
     ce_chunk_tokens: int = 0  # tokens per cross-entropy chunk; 0 picks chunk logits ~ hidden-state size
     activation_checkpointing: bool = False  # recompute trunk blocks in backward
-    activation_checkpoint_interval: int = 1  # consecutive trunk blocks per recomputed unit
+    activation_checkpoint_interval: int = 1  # consecutive trunk blocks per recomputed unit ("full" policy)
+    # "full": whole trunk blocks (in units of activation_checkpoint_interval) keep only their input; "selective":
+    # every trunk block keeps its matmul and attention outputs and recomputes the rest (norms, rotary, SwiGLU
+    # gating, residual adds), as torchtitan's op-level mode (pretrain/recompute.py).
+    activation_checkpoint_policy: str = "full"
+    compile: bool = False  # torch.compile each transformer block and the cross-entropy's chunk (pretrain/compile.py)
+    compile_backend: str = "inductor"  # torch.compile's backend: "aot_eager" traces the same graphs, no codegen
     seed: int = 1234
     log_interval: int = 10
     eval_interval: int = 200  # 0 disables validation
@@ -83,6 +89,15 @@ class TrainLoopConfig:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         if self.loss_impl not in ("sequential", "naive"):
             raise ConfigError(f"train.loss_impl: expected 'sequential' or 'naive', got {self.loss_impl!r}")
+        if self.compile and self.compile_backend != "inductor":
+            import torch._dynamo
+
+            if self.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+                raise ConfigError(f"train.compile_backend: {self.compile_backend!r} is not a torch.compile backend "
+                                  f"(e.g. 'inductor', 'aot_eager')")
+        if self.activation_checkpoint_policy not in ("full", "selective"):
+            raise ConfigError(f"train.activation_checkpoint_policy: expected 'full' or 'selective', "
+                              f"got {self.activation_checkpoint_policy!r}")
 
     __post_init__ = validate
 

@@ -70,7 +70,8 @@ def build_engine(cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout, model, 
         # grid from the module.
         model, pipe_loss = build_pipeline_module(
             model, layout.grid.topology(), cfg.parallel.pipeline_partition,
-            checkpoint_interval=t.activation_checkpoint_interval if t.activation_checkpointing else 0)
+            checkpoint_interval=t.activation_checkpoint_interval
+            if t.activation_checkpointing and t.activation_checkpoint_policy == "full" else 0)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg,
         lr_scheduler=scheduler_factory(cfg.optim, t.steps),
@@ -129,7 +130,9 @@ class Steps:
 class DataParallelSteps(Steps):
     def train_step(self, batches) -> tuple[float, torch.Tensor, float | None]:
         """(loss, per-head losses, gradient norm) of one optimizer step, averaged over data-parallel replicas."""
-        head_sum, loss_sum = torch.zeros(self.n_heads), 0.0
+        # Summed on the device: no host synchronisation until the step's figures are read.
+        head_sum = torch.zeros(self.n_heads, device=self.engine.device)
+        loss_sum = torch.zeros((), device=self.engine.device)
         gas = self.cfg.train.grad_accum_steps
         grad_norm = None
         for micro in range(gas):
@@ -139,10 +142,10 @@ class DataParallelSteps(Steps):
             if micro == gas - 1 and self.own_grad_norm:
                 grad_norm = self.grad_norm()  # before engine.step() clips; the gradients are already averaged
             self.engine.step()
-            head_sum += out.head_losses.detach().float().cpu()
-            loss_sum += float(out.loss.detach())
+            head_sum += out.head_losses.detach().float()
+            loss_sum += out.loss.detach().float()
         head_losses = self.reduce_mean(head_sum / gas).cpu()
-        loss = float(self.reduce_mean(torch.tensor(loss_sum / gas)))
+        loss = float(self.reduce_mean(loss_sum / gas))
         return loss, head_losses, grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
 
     def evaluate(self, batches: list, with_acceptance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

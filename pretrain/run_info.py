@@ -10,6 +10,7 @@ import torch
 from mtplm.data.fingerprint import describe, digest
 from mtplm.model.flops import count_params, flops_per_token
 
+from .compile import describe as describe_compile
 from .config import TrainConfig
 
 # Dense bf16 peak of common accelerators, for MFU; override with train.peak_tflops.
@@ -46,6 +47,14 @@ def startup_lines(cfg: TrainConfig, dist, layout, dp_world: int, fingerprint, ze
         f"{precision}, micro-batch {cfg.train.micro_batch_size} x accumulation "
         f"{cfg.train.grad_accum_steps} x data-parallel {dp_world}, tensor-parallel "
         f"{layout.tensor.world}, pipeline {cfg.parallel.pipeline}, loss path {cfg.train.loss_impl}")
+    t = cfg.train
+    if t.activation_checkpointing:
+        lines.append("activation checkpointing: " + (
+            f"whole trunk blocks, {t.activation_checkpoint_interval} per recomputed unit"
+            if t.activation_checkpoint_policy == "full" else
+            "selective (trunk blocks keep matmul and attention outputs, recompute the elementwise ops)"))
+    if t.compile:
+        lines.append(describe_compile(zero_stage))
     if zero_stage == 3:
         tp = layout.tensor.world
         shard = "the model" if tp == 1 else f"its 1/{tp} tensor-parallel shard of the model"
