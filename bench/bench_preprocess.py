@@ -103,8 +103,9 @@ def main() -> None:
             print(f"{mb:.0f} MiB, workers={workers:>2}: {r['documents']} docs, {r['tokens']} tokens in "
                   f"{r['seconds']:.1f}s "
                   f"-> {r['tokens_per_s']:,.0f} tokens/s ({r['tokens_per_s'] / workers:,.0f} per worker), "
-                  f"{r['mb_per_s']:.2f} MB/s; peak RSS main {rss['main']:.0f} MiB, workers "
-                  f"{', '.join(f'{w:.0f}' for w in rss['workers']) or '(in the main process)'} MiB")
+                  f"{r['mb_per_s']:.2f} MB/s; peak RSS main {rss['main']:.0f} MiB, "
+                  + (f"workers {', '.join(f'{w:.0f}' for w in rss['workers'])} MiB" if rss["workers"]
+                     else "(the worker is the main process)"))
         for workers in results:
             if workers > 1:
                 ratio = results[workers]["tokens_per_s"] / results[1]["tokens_per_s"]
