@@ -127,16 +127,15 @@ def test_group_sigterm_to_deepspeed_launcher_with_two_ranks_checkpoints_and_resu
 
 @pytest.mark.distributed
 def test_save_that_fails_on_one_rank_fails_every_rank_and_keeps_latest(tmp_path):
-    """Tests run as root, so permissions cannot stop a write: a directory stands where rank 1 writes its ZeRO
-    optimizer shard of step 4, so only rank 1's write fails (IsADirectoryError, like a full disk fails one file)."""
+    """Rank 1's ZeRO optimizer shard of step 4 cannot be written (a full disk, simulated by the worker), so only
+    rank 1's write fails."""
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps({**TINY, "train": {**TINY["train"], "keep_last": 0}}))
     out = tmp_path / "run"
     blocked = out / "checkpoints" / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    blocked.mkdir(parents=True)
     with pytest.raises(RuntimeError) as failed:
         run_ranks(2, [WORKER, "--config", str(cfg), "--deepspeed_config", str(REPO / "ds_configs" / "zero1.json"),
-                      "--train.out_dir", str(out)], timeout=300)
+                      "--train.out_dir", str(out), "--disk_full_at", str(blocked)], timeout=300)
     report = str(failed.value)
     assert "[timed out]" not in report
     for rank in (0, 1):

@@ -1,18 +1,22 @@
 """The real trainer on real data (data.datasets, DataLoader workers) or the synthetic stream, signalled the way a
 cluster signals a job; exits as mtp-train does after a requested stop (143 after SIGTERM).
 
-    python tests/workers/train_signalled.py [--group_sigterm_after_step K] --section.key value ...
+    python tests/workers/train_signalled.py [--group_sigterm_after_step K] [--disk_full_at PATH] --section.key ...
 
 --group_sigterm_after_step K: rank 0 sends SIGTERM to its whole process group (launcher, every rank, DataLoader
 workers: what scancel, docker stop or `kill -- -PGID` do) at the start of step K + 1.
+--disk_full_at PATH: writing the file PATH fails as on a full disk (tests run as root, so permissions cannot
+stop a write, and a save first clears its step folder of what stood there).
 """
 
+import errno
 import json
 import os
 import signal
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from train_synthetic import SyntheticLoader, pop_flag
@@ -34,6 +38,18 @@ class SignalledTrainer(Trainer):
 def main():
     argv = sys.argv[1:]
     SignalledTrainer.group_sigterm_after = pop_flag(argv, "--group_sigterm_after_step")
+    if "--disk_full_at" in argv:
+        i = argv.index("--disk_full_at")
+        full = Path(argv.pop(i + 1)).resolve()
+        argv.pop(i)
+        save = torch.save
+
+        def save_unless_full(obj, f, *args, **kwargs):
+            if isinstance(f, (str, os.PathLike)) and Path(f).resolve() == full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+            return save(obj, f, *args, **kwargs)
+
+        torch.save = save_unless_full
     cfg = parse_args(argv)
     info = init_distributed()
     loaders = None
