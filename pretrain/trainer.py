@@ -134,10 +134,15 @@ class Trainer:
                                  for v in tensors]).tolist())
         self.mtp_loss.check_grad_scale()  # the sequential loss's backward checks, read here for the same reason
         window = throughput.measure(pending[-1][0], self.samples_per_step * self.cfg.data.seq_len)
+
+        def take(v):  # a tensor's values from the copy, in order (DeepSpeed's grad norm may be a float already)
+            if not isinstance(v, torch.Tensor):
+                return v
+            got = [next(values) for _ in range(v.numel())]
+            return got if v.dim() else got[0]
+
         for step, m in pending:
-            for key in ("loss", "head_losses", "grad_norm"):
-                if isinstance(m[key], torch.Tensor):
-                    m[key] = [next(values) for _ in range(m[key].numel())] if key == "head_losses" else next(values)
+            m.update(loss=take(m["loss"]), head_losses=take(m["head_losses"]), grad_norm=take(m["grad_norm"]))
             if not math.isfinite(m["loss"]):
                 pending.clear()
                 raise FloatingPointError(f"loss is {m['loss']} at step {step}")
