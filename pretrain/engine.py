@@ -210,8 +210,8 @@ class PipelineSteps(Steps):
         """Collective: value() computed on the last pipeline stage, sent to every rank of its pipeline, then
         averaged over data-parallel replicas, on the device."""
         grid = self.layout.grid
-        t = value().float() if grid.is_last_stage else torch.zeros(shape, dtype=torch.float32)
-        t = t.to(self.engine.device)
+        device = self.engine.device  # made there, not copied from the host: nothing waits
+        t = value().float().to(device) if grid.is_last_stage else torch.zeros(shape, device=device)
         dist.broadcast(t, src=grid.stage_to_global(grid.pipe_parallel_size - 1), group=grid.get_pipe_parallel_group())
         return self.reduce_mean(t)
 
