@@ -41,7 +41,8 @@ def load(args, n: int, extra: list[str]):
         "--model.n_future_tokens", str(n), "--data.seq_len", str(args.seq_len),
         "--train.micro_batch_size", str(args.micro_batch), "--train.grad_accum_steps", "1",
         "--train.steps", str(args.warmup + args.steps), "--train.eval_interval", "0", "--train.save_final", "false",
-        "--train.log_interval", str(10**6), "--optim.warmup_steps", "1", *extra]
+        # Each step read at its end: its own tokens/s, so the warm-up steps stay out of the timed ones.
+        "--train.log_interval", "1", "--optim.warmup_steps", "1", *extra]
     if args.deepspeed_config:
         overrides += ["--train.deepspeed_config", args.deepspeed_config]
     return load_config(TrainConfig, args.config, overrides)

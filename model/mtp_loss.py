@@ -81,6 +81,10 @@ class MTPLoss:
         contribution; set by the DeepSpeed engine seam.
     engine_owns_grads: set by the engine seam; turns off the check for gradients cleared between the forward
         and its backward (see the module's docstring).
+    defer_scale_check: set by a training loop that calls check_grad_scale() at its log steps. The sequential
+        backward must see the loss scaled by the grad_scale its forward applied to the head gradients; reading
+        the scale it received makes the host wait for the device inside the step, so with this set the
+        comparison stays on the device and check_grad_scale() raises the same error later.
     """
 
     def __init__(self, impl: str = "sequential", chunk_tokens: int | None = None):
@@ -89,6 +93,27 @@ class MTPLoss:
         self.grad_ready_hook = None
         self.engine_owns_grads = False
         self._written = None  # (norm weight's .grad, its version) after the last forward that wrote head gradients
+        self.defer_scale_check = False
+        self._scale_mismatch = None  # deferred: (received, told) of the last mismatched backward, NaN if none
+
+    def _check_scale(self, grad_total: torch.Tensor, told: float) -> None:
+        received = grad_total.detach().float()
+        if not self.defer_scale_check:
+            _raise_if_scale_differs(float(received), told)
+            return
+        told_t = torch.full_like(received, told)  # a fill, not a copy from the host
+        bad = (received - told_t).abs() > 1e-5 * torch.maximum(received.abs(), told_t.abs())  # math.isclose's test
+        seen = self._scale_mismatch if self._scale_mismatch is not None else torch.full_like(received, math.nan)
+        self._scale_mismatch = torch.where(bad, torch.stack([received, told_t]), seen)
+
+    def check_grad_scale(self) -> None:
+        """Raises if a backward since the last call scaled the loss by other than its forward's grad_scale (with
+        defer_scale_check; one read of the device)."""
+        if self._scale_mismatch is not None:
+            received, told = self._scale_mismatch.tolist()
+            self._scale_mismatch = None
+            if not math.isnan(received):
+                _raise_if_scale_differs(received, told)
 
     @property
     def impl(self) -> str:
@@ -156,6 +181,16 @@ class MTPLoss:
                 "step), or use loss_impl='naive'.")
 
 
+def _raise_if_scale_differs(received: float, told: float) -> None:
+    if not math.isclose(received, told, rel_tol=1e-5):
+        raise RuntimeError(
+            f"sequential MTP loss: the backward scaled the loss by {received:g} but the forward was told "
+            f"grad_scale={told:g}; head gradients were computed with the latter. Pass "
+            f"grad_scale = (loss scale) / (gradient accumulation steps) to the model's forward, or use "
+            f"loss_impl='naive'."
+        )
+
+
 def default_chunk_tokens(n_tokens: int, dim: int, vocab: int, min_chunk: int = 1024) -> int:
     """Liger-Kernel's rule (one chunk's logits about as large as the hidden states), but never below
     min_chunk tokens: every chunk re-reads and re-writes the whole unembedding gradient (vocab x dim),
@@ -194,14 +229,7 @@ class _SequentialHeads(torch.autograd.Function):
                 "sequential MTP loss: this loss was computed in eval() mode, which computes losses only (no head "
                 "gradients); call model.train() before a forward whose loss is back-propagated, or run "
                 "evaluation under torch.no_grad().")
-        received = float(grad_total)
-        if not math.isclose(received, ctx.grad_scale, rel_tol=1e-5):
-            raise RuntimeError(
-                f"sequential MTP loss: the backward scaled the loss by {received:g} but the forward was told "
-                f"grad_scale={ctx.grad_scale:g}; head gradients were computed with the latter. Pass "
-                f"grad_scale = (loss scale) / (gradient accumulation steps) to the model's forward, or use "
-                f"loss_impl='naive'."
-            )
+        ctx.loss._check_scale(grad_total, ctx.grad_scale)
         ctx.loss._check_written(ctx.heads.norm.weight, ctx.written)
         return grad_h, None, None, None, None, None, None, None
 

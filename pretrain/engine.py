@@ -10,7 +10,8 @@ the accumulation steps), and one step strategy per layout:
     PipelineSteps      train_batch/eval_batch on a PipelineEngine, the heads and loss on the last stage
 
 Both give the trainer the same three things (a train step's loss, head losses and gradient norm; an evaluation's
-head losses and draft-acceptance counts; the full weights), so the trainer has no layout branches.
+head losses and draft-acceptance counts; the full weights), so the trainer has no layout branches. A train step's
+figures are device tensors: nothing in the step waits for the device; the trainer reads them at its log steps.
 """
 
 from __future__ import annotations
@@ -98,19 +99,19 @@ class Steps:
         batch = batch.to(self.engine.device, non_blocking=True)
         return batch[:, :self.cfg.data.seq_len], batch[:, 1:]
 
-    def grad_norm(self) -> float:
-        """Global L2 norm of the (averaged) gradients: tensor-parallel shards summed over their group,
-        replicated parameters counted once."""
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the (averaged) gradients, on the device: tensor-parallel shards summed over their
+        group, replicated parameters counted once."""
         tp = self.layout.tensor
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
         for p in {id(p): p for p in self.model.parameters()}.values():
             if getattr(p, "ds_pipe_replicated", False):
                 continue  # a tied weight's copy on a later stage (its gradient is the first stage's)
             if p.grad is not None and (tp.rank == 0 or getattr(p, "tensor_model_parallel", False)):
-                total += p.grad.detach().double().pow(2).sum().cpu()
+                total += p.grad.detach().double().pow(2).sum()
         if self.layout.model_parallel_group is not None:  # every stage and tensor shard of this replica
             dist.all_reduce(total, group=self.layout.model_parallel_group)
-        return float(total.sqrt())
+        return total.sqrt()
 
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().float().to(self.engine.device)
@@ -128,8 +129,9 @@ class Steps:
 
 
 class DataParallelSteps(Steps):
-    def train_step(self, batches) -> tuple[float, torch.Tensor, float | None]:
-        """(loss, per-head losses, gradient norm) of one optimizer step, averaged over data-parallel replicas."""
+    def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float | None]:
+        """(loss, per-head losses, gradient norm) of one optimizer step, averaged over data-parallel replicas, on
+        the device (DeepSpeed's own norm may be a float, or None when it keeps none)."""
         # Summed on the device: no host synchronisation until the step's figures are read.
         head_sum = torch.zeros(self.n_heads, device=self.engine.device)
         loss_sum = torch.zeros((), device=self.engine.device)
@@ -144,8 +146,8 @@ class DataParallelSteps(Steps):
             self.engine.step()
             head_sum += out.head_losses.detach().float()
             loss_sum += out.loss.detach().float()
-        head_losses = self.reduce_mean(head_sum / gas).cpu()
-        loss = float(self.reduce_mean(loss_sum / gas))
+        head_losses = self.reduce_mean(head_sum / gas)
+        loss = self.reduce_mean(loss_sum / gas)
         return loss, head_losses, grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
 
     def evaluate(self, batches: list, with_acceptance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -187,13 +189,12 @@ class PipelineSteps(Steps):
         def record(*_):
             self._grad_norm = self.grad_norm()
 
-        def clip():
+        def clip():  # on the device, as DeepSpeed's clip_grad_norm_: no host synchronisation
             record()
-            coef = self.cfg.optim.grad_clip / (self._grad_norm + 1e-6)
-            if coef < 1.0:
-                for p in self.model.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+            coef = torch.clamp(self.cfg.optim.grad_clip / (self._grad_norm + 1e-6), max=1.0)
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef.to(p.grad.dtype))
 
         if self.cfg.optim.grad_clip > 0:
             self.engine.clip_fp32_gradients = clip
@@ -203,21 +204,21 @@ class PipelineSteps(Steps):
     def _head_losses(self) -> torch.Tensor:
         """Collective: mean per-head losses of the last train/eval batch (see _from_last_stage)."""
         loss = self.pipe_loss
-        return self._from_last_stage((self.n_heads,), lambda: loss.head_sum.cpu() / loss.count)
+        return self._from_last_stage((self.n_heads,), lambda: loss.head_sum / loss.count)
 
     def _from_last_stage(self, shape, value) -> torch.Tensor:
         """Collective: value() computed on the last pipeline stage, sent to every rank of its pipeline, then
-        averaged over data-parallel replicas."""
+        averaged over data-parallel replicas, on the device."""
         grid = self.layout.grid
-        t = value().float() if grid.is_last_stage else torch.zeros(shape, dtype=torch.float32)
-        t = t.to(self.engine.device)
+        device = self.engine.device  # made there, not copied from the host: nothing waits
+        t = value().float().to(device) if grid.is_last_stage else torch.zeros(shape, device=device)
         dist.broadcast(t, src=grid.stage_to_global(grid.pipe_parallel_size - 1), group=grid.get_pipe_parallel_group())
-        return self.reduce_mean(t).cpu()
+        return self.reduce_mean(t)
 
-    def train_step(self, batches) -> tuple[float, torch.Tensor, float | None]:
+    def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float | None]:
         self.pipe_loss.reset()
         self.pipe_loss.grad_scale = loss_grad_scale(self.engine)
-        loss = float(self.engine.train_batch(map(self.split, batches)))
+        loss = self.engine.train_batch(map(self.split, batches))
         grad_norm = self._grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
         return loss, self._head_losses(), grad_norm
 
@@ -228,10 +229,10 @@ class PipelineSteps(Steps):
         self.engine.eval_batch(map(self.split, batches), num_micro_batches=len(batches))
         self.pipe_loss.with_acceptance = False
         self.engine.train()
-        head_losses, acceptance = self._head_losses(), None
+        head_losses, acceptance = self._head_losses().cpu(), None
         if with_acceptance:
             shape = (4, self.n_heads - 1)  # AcceptanceCounts.as_tensor()
-            acceptance = self._from_last_stage(shape, lambda: self.pipe_loss.acceptance.as_tensor())
+            acceptance = self._from_last_stage(shape, lambda: self.pipe_loss.acceptance.as_tensor()).cpu()
         return head_losses, acceptance
 
     def full_state_dict(self, keep: bool) -> dict[str, torch.Tensor]:

@@ -64,11 +64,11 @@ def startup_lines(cfg: TrainConfig, dist, layout, dp_world: int, fingerprint, ze
 
 
 class Throughput:
-    """The figures each step's record carries beside its losses: tokens/s since the last measured step, the data
-    consumed, and on a GPU MFU and peak memory. Time spent evaluating or saving is left out (restart())."""
+    """The figures each step's record carries beside its losses and data consumed: tokens/s since the last
+    measured step, and on a GPU MFU and peak memory. Time spent evaluating or saving is left out (restart())."""
 
     def __init__(self, cfg: TrainConfig, world_size: int, on_cpu: bool, step: int):
-        self.seq_len, self.world_size, self.on_cpu = cfg.data.seq_len, world_size, on_cpu
+        self.world_size, self.on_cpu = world_size, on_cpu
         self.flops_token = flops_per_token(cfg.model, cfg.data.seq_len).training
         self.peak = None if on_cpu else peak_flops(cfg)
         if not on_cpu:
@@ -79,11 +79,10 @@ class Throughput:
     def restart(self) -> None:
         self.last_time = time.perf_counter()
 
-    def measure(self, step: int, tokens_per_step: int, consumed_samples: int) -> dict:
+    def measure(self, step: int, tokens_per_step: int) -> dict:
         now = time.perf_counter()
         m = {"tokens_per_s": tokens_per_step * (step - self.last_step) / max(now - self.last_time, 1e-9)}
         m["tokens_per_s_per_rank"] = m["tokens_per_s"] / self.world_size
-        m["consumed_samples"], m["consumed_tokens"] = consumed_samples, consumed_samples * self.seq_len
         if self.peak:
             m["mfu"] = m["tokens_per_s_per_rank"] * self.flops_token / self.peak
         if not self.on_cpu:

@@ -69,6 +69,8 @@ class Trainer:
         resume_from = decide_resume(cfg, ds_cfg)  # may change grad_accum_steps to keep the global batch
         model, init_notes = build_model(cfg, ds_cfg, self.layout)
         self.local_params, self.total_params = local_parameter_count(model)
+        self.mtp_loss = model.loss
+        self.mtp_loss.defer_scale_check = True  # read at each flush
         self.zero_stage, self.precision = zero_stage(ds_cfg), precision(ds_cfg)
         self.steps = build_engine(cfg, ds_cfg, self.layout, model, self.dp_world)
         self.engine = self.steps.engine
@@ -112,10 +114,42 @@ class Trainer:
             self.logger.info(line)
 
     def train_step(self, batches) -> dict:
+        """One optimizer step. Its figures stay device tensors (reading them would make the host wait for the
+        device) until _flush() reads every buffered step's at once."""
         lr = float(self.engine.get_lr()[0])  # the rate this step applies: the scheduler moves on inside step()
         loss, head_losses, grad_norm = self.steps.train_step(batches)
-        return {"loss": loss, "head_losses": [float(x) for x in head_losses], "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        return {"loss": loss, "head_losses": head_losses, "lr": lr,
+                "grad_norm": grad_norm if grad_norm is not None else float("nan")}
+
+    def _flush(self, pending: list[tuple[int, dict]], throughput: Throughput, result: TrainResult) -> None:
+        """The buffered steps' figures to the host in one copy (the loop's only wait for the device between log
+        steps), then their records, one per step, in order. tokens/s is the window's: single steps are not timed
+        (the host runs ahead of the device). A non-finite loss stops the run after the records before it."""
+        if not pending:
+            return
+        t = self.cfg.train
+        tensors = [v for _, m in pending for v in (m["loss"], m["head_losses"], m["grad_norm"])
+                   if isinstance(v, torch.Tensor)]
+        values = iter(torch.cat([v.detach().to(self.engine.device, torch.float64).reshape(-1)
+                                 for v in tensors]).tolist())
+        self.mtp_loss.check_grad_scale()  # the sequential loss's backward checks, read here for the same reason
+        window = throughput.measure(pending[-1][0], self.samples_per_step * self.cfg.data.seq_len)
+
+        def take(v):  # a tensor's values from the copy, in order (DeepSpeed's grad norm may be a float already)
+            if not isinstance(v, torch.Tensor):
+                return v
+            got = [next(values) for _ in range(v.numel())]
+            return got if v.dim() else got[0]
+
+        for step, m in pending:
+            m.update(loss=take(m["loss"]), head_losses=take(m["head_losses"]), grad_norm=take(m["grad_norm"]))
+            if not math.isfinite(m["loss"]):
+                pending.clear()
+                raise FloatingPointError(f"loss is {m['loss']} at step {step}")
+            m.update(window)
+            result.train_log.append({"step": step, **m})
+            self.logger.write(step, "train", m, echo=step % t.log_interval == 0 or step == t.steps)
+        pending.clear()
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
@@ -163,21 +197,23 @@ class Trainer:
         result = TrainResult(step=self.step)
         stop = self.stop
         batches = iter(self.train_loader)
-        samples_per_step = t.micro_batch_size * t.grad_accum_steps * self.dp_world
+        self.samples_per_step = t.micro_batch_size * t.grad_accum_steps * self.dp_world
         throughput = Throughput(cfg, self.dist.world_size, self.dist.on_cpu, self.step)
+        pending = []  # (step, metrics) not yet read from the device
         try:
             while self.step < t.steps:
                 metrics = self.train_step(batches)
                 self.step += 1
-                self.consumed_samples += samples_per_step
-                metrics.update(throughput.measure(self.step, samples_per_step * cfg.data.seq_len,
-                                                  self.consumed_samples))
-                if not math.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step}")
-                result.train_log.append({"step": self.step, **metrics})
-                self.logger.write(self.step, "train", metrics, echo=self.step % t.log_interval == 0
-                                  or self.step == t.steps)
-                if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                self.consumed_samples += self.samples_per_step
+                metrics.update(consumed_samples=self.consumed_samples,
+                               consumed_tokens=self.consumed_samples * cfg.data.seq_len)
+                pending.append((self.step, metrics))
+                eval_due = t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps)
+                save_due = t.save_interval and self.step % t.save_interval == 0
+                if (self.step % t.log_interval == 0 or self.step == t.steps or eval_due or save_due
+                        or self.task_accuracy.due(self.step)):
+                    self._flush(pending, throughput, result)
+                if eval_due:
                     ev = self.evaluate()
                     if ev is not None:
                         result.eval_log.append({"step": self.step, **ev})
@@ -190,11 +226,12 @@ class Trainer:
                     self.logger.write(self.step, "tasks", tasks, echo=True)
                     throughput.restart()
                 if stop.agreed(self.engine.device):
+                    self._flush(pending, throughput, result)
                     self.logger.info(f"stop requested ({stop.name}); checkpointing at step {self.step}")
                     self.save()
                     result.stopped_by_signal, result.stop_signal = True, stop.signum
                     break
-                if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
+                if save_due and self.step < t.steps:
                     self.save()
                     throughput.restart()
             else:
