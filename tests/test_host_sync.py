@@ -82,7 +82,6 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "tests" / "workers"))
     from train_synthetic import SyntheticLoader, pop_flag
 
-    from mtplm.pretrain.distributed import init_distributed
     from mtplm.pretrain.train import parse_args
     from mtplm.pretrain.trainer import Trainer
 
