@@ -39,7 +39,10 @@ class StopSignal:
 
     def agreed(self, device) -> bool:
         """Collective: True on every rank if any rank was signalled (ranks must stop at the same step to save
-        together)."""
+        together). Reading the reduced flag waits for the device: one host synchronisation between steps, which a
+        single process does not need."""
+        if dist.get_world_size() == 1:
+            return self.requested
         flag = torch.tensor([1 if self.requested else 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

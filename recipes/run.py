@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -103,7 +105,7 @@ def train_config(preset: Preset, mcfg: ModelConfig, seed: int, tokens: Path, fol
     }
 
 
-def train(folder: Path, cfg: dict, deepspeed_config: str | None) -> None:
+def train(folder: Path, cfg: dict, deepspeed_config: str | None, threads: int | None = None) -> None:
     if (folder / "final" / "params.json").is_file():
         log(f"{folder.name}: trained already")
         return
@@ -114,8 +116,9 @@ def train(folder: Path, cfg: dict, deepspeed_config: str | None) -> None:
     if deepspeed_config:
         cmd += ["--deepspeed_config", deepspeed_config]
     log(f"{folder.name}: training ({cfg['train']['steps']} steps), log in {folder / 'train.out'}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     with open(folder / "train.out", "a") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
         tail = (folder / "train.out").read_text().splitlines()[-15:]
         raise RecipeError(f"{folder.name}: mtp-train exited with status {rc}; its last lines:\n" + "\n".join(tail))
@@ -199,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", nargs="+", help="model sizes of the preset (default: all of them)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated data (default: 0)")
     p.add_argument("--deepspeed-config", help="DeepSpeed JSON for mtp-train (default: the trainer's)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="models trained at once, each with cores/jobs threads unless OMP_NUM_THREADS is set "
+                        "(default 1); small models use a core each better than they share two")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     preset = PRESETS[args.recipe][args.preset]
     sizes = args.sizes or list(preset.sizes)
     for s in sizes:
@@ -212,16 +220,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_run_folder(out, {"recipe": args.recipe, "preset": args.preset, "data_seed": args.data_seed})
         tokens = prepare_data(args.recipe, preset, out, args.data_seed)
-        rows = []
+        models = []
         for size in sizes:
             for n in args.n:
                 mcfg = model_config(preset, size, n)
                 c = count_params(mcfg)
                 log(f"{size} n={n}: {c.total:,} parameters ({c.trunk_blocks + c.heads + mcfg.dim:,} "
                     f"non-embedding: {mcfg.n_trunk_layers} trunk blocks + {n} head blocks)")
-                for seed in args.seeds:
-                    rows.append(run_model(args.recipe, preset, out, tokens, size, n, seed, mcfg, c,
-                                          args.deepspeed_config))
+                models += [(size, n, seed, mcfg, c) for seed in args.seeds]
+        if args.jobs > 1:  # the training processes side by side; evaluation below, one model at a time
+            threads = None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // args.jobs)
+            with ThreadPoolExecutor(args.jobs) as pool:
+                list(pool.map(lambda m: train(*model_run(preset, out, tokens, *m[:4]), args.deepspeed_config,
+                                              threads), models))
+        rows = [run_model(args.recipe, preset, out, tokens, *m, args.deepspeed_config, trained=args.jobs > 1)
+                for m in models]
         write_results(args, rows, out)
     except (RecipeError, ValueError, OSError) as e:
         print(f"mtp-recipe: {e}", file=sys.stderr)
@@ -230,11 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_model(recipe, preset, out, tokens, size, n, seed, mcfg, counts, ds_config) -> dict:
-    name = f"{size}_n{n}_seed{seed}"
-    folder = out / "models" / name
-    cfg = train_config(preset, mcfg, seed, tokens, folder)
-    train(folder, cfg, ds_config)
+def model_run(preset, out, tokens, size, n, seed, mcfg) -> tuple[Path, dict]:
+    """A model's folder and training config."""
+    folder = out / "models" / f"{size}_n{n}_seed{seed}"
+    return folder, train_config(preset, mcfg, seed, tokens, folder)
+
+
+def run_model(recipe, preset, out, tokens, size, n, seed, mcfg, counts, ds_config, trained=False) -> dict:
+    folder, cfg = model_run(preset, out, tokens, size, n, seed, mcfg)
+    name = folder.name
+    if not trained:
+        train(folder, cfg, ds_config)
     test = out / "data" / "test.jsonl"
     ev = mtp_eval(folder, cfg, preset, test if recipe == "polynomial" else None)
     row = {"model": name, "size": size, "n": n, "seed": seed, "parameters": counts.total,

@@ -18,7 +18,7 @@ def recipe(*args):
 @pytest.mark.parametrize("name, groups", [("polynomial", [str(m) for m in range(1, 11)]), ("induction", None)])
 def test_recipe_tiny_end_to_end(tmp_path, name, groups):
     out = tmp_path / name
-    proc = recipe(name, "--preset", "tiny", "--out", str(out), "--seeds", "1", "--n", "1", "2")
+    proc = recipe(name, "--preset", "tiny", "--out", str(out), "--seeds", "1", "--n", "1", "2", "--jobs", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "3 trunk blocks + 1 head blocks" in proc.stdout and "2 trunk blocks + 2 head blocks" in proc.stdout
     rows = json.loads((out / "results.json").read_text())["rows"]
