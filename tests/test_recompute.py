@@ -36,8 +36,10 @@ def trunk_step(policy: str):
 
 def test_selective_keeps_matmul_outputs_and_drops_elementwise_activations():
     keep_all, selective, full = trunk_step("none"), trunk_step("selective"), trunk_step("full")
-    # Memory: full keeps one input per block, selective the matmul and attention outputs, none everything.
-    assert full[0] < selective[0] < 0.8 * keep_all[0], (full[0], selective[0], keep_all[0])
+    # Memory: selective keeps the matmul and attention outputs, full one input per block, none everything. Both
+    # keep well under none; which of them peaks lower is not asserted: at this width the block full recomputes in
+    # the backward weighs about what selective keeps (measured 0.53 and 0.55 of none here, other orders seen).
+    assert max(full[0], selective[0]) < 0.8 * keep_all[0], (full[0], selective[0], keep_all[0])
     # Compute: selective recomputes no matmul or attention (FlopCounterMode counts exactly those); full
     # recomputes every trunk block's forward (a quarter more here: attention's backward counts 2.5 forwards).
     assert selective[1] == keep_all[1]
