@@ -60,7 +60,7 @@ class PreprocessConfig:
     workers: int = 0  # 0: all cores
     on_error: str = "skip"  # skip (report and count) or fail
     num_partitions: int = 1  # one run per node, each doing its share of the plan into one shared folder
-    partition_index: int = 0
+    partition_index: int | None = None  # required with num_partitions > 1: a forgotten index would redo partition 0
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -80,6 +80,11 @@ class PreprocessConfig:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.workers < 0:
             raise ConfigError(f"workers: must be >= 0, got {self.workers}")
+        if self.partition_index is None:
+            if self.num_partitions > 1:
+                raise ConfigError(f"partition_index: --num-partitions {self.num_partitions} needs --partition-index "
+                                  f"(0..{self.num_partitions - 1}: which share of the inputs this run does)")
+            self.partition_index = 0
         if not 0 <= self.partition_index < self.num_partitions:
             raise ConfigError(f"partition_index: must be in [0, {self.num_partitions}) for --num-partitions "
                               f"{self.num_partitions}, got {self.partition_index}")

@@ -192,3 +192,13 @@ def test_partitions_that_each_train_the_tokenizer_train_the_same_one(tmp_path):
                    log=lambda m: None)
     (m, docs), (ref_m, ref_docs) = documents(tmp_path / "out"), documents(tmp_path / "ref")
     assert docs == ref_docs and m["tokenizer_sha256"] == ref_m["tokenizer_sha256"] and len(docs) == 300
+
+
+def test_num_partitions_needs_a_partition_index(tmp_path):
+    """A forgotten --partition-index would silently redo partition 0 on every node."""
+    from mtplm.config import ConfigError
+    from mtplm.data.preprocess import PreprocessConfig
+
+    with pytest.raises(ConfigError, match=r"^partition_index: --num-partitions 2 needs --partition-index \(0\.\.1"):
+        PreprocessConfig(inputs=["a.jsonl"], output=str(tmp_path / "out"), tokenizer="bytes", num_partitions=2)
+    assert PreprocessConfig(inputs=["a.jsonl"], output=str(tmp_path / "out"), tokenizer="bytes").partition_index == 0
