@@ -40,7 +40,7 @@ from .tensor_parallel import apply_tensor_parallel
 def build_model(cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout) -> tuple[MTPTransformer, list[str]]:
     """The rank's model, before deepspeed.initialize (and before the pipeline layout takes its modules);
     returns it and notes on how init_from's weights were adapted. Collective under ZeRO-3."""
-    t = cfg.train
+    t, stage = cfg.train, zero_stage(ds_cfg)
     # The pipeline layout recomputes with DeepSpeed's own interval instead (same meaning; see pipeline.py).
     full = t.activation_checkpointing and t.activation_checkpoint_policy == "full"
     interval = t.activation_checkpoint_interval if full and not layout.pipeline else 0
@@ -49,7 +49,7 @@ def build_model(cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout) -> tuple
         return MTPTransformer(cfg.model, loss_impl=t.loss_impl, ce_chunk_tokens=t.ce_chunk_tokens or None,
                               activation_checkpoint_interval=interval)
 
-    if zero_stage(ds_cfg) != 3:
+    if stage != 3:
         model, notes = build_lean(make, layout, cfg.parallel.pipeline_partition, t.init_from)
     else:  # partitioned over the data-parallel group that the engine will use
         with deepspeed.zero.Init(config_dict_or_path=ds_cfg, data_parallel_group=layout.dp_group, mpu=layout.grid):
@@ -59,7 +59,7 @@ def build_model(cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout) -> tuple
     if t.activation_checkpointing and t.activation_checkpoint_policy == "selective":
         apply_selective_recompute(model)
     if t.compile:
-        apply_compile(model, fullgraph=zero_stage(ds_cfg) != 3, backend=t.compile_backend)
+        apply_compile(model, fullgraph=stage != 3, backend=t.compile_backend)
     return model, notes
 
 
