@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -105,6 +106,24 @@ def train_config(preset: Preset, mcfg: ModelConfig, seed: int, tokens: Path, fol
     }
 
 
+TRAINING: set[subprocess.Popen] = set()  # the mtp-train processes running, for a stop to reach them
+
+
+def stop_training() -> None:
+    """Ask every running mtp-train to checkpoint and stop (it takes a repeated request as one)."""
+    for proc in list(TRAINING):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+
+class Stopped(Exception):
+    pass
+
+
+def _stop(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
 def train(folder: Path, cfg: dict, deepspeed_config: str | None, threads: int | None = None) -> None:
     if (folder / "final" / "params.json").is_file():
         log(f"{folder.name}: trained already")
@@ -118,7 +137,16 @@ def train(folder: Path, cfg: dict, deepspeed_config: str | None, threads: int | 
     log(f"{folder.name}: training ({cfg['train']['steps']} steps), log in {folder / 'train.out'}")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     with open(folder / "train.out", "a") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        TRAINING.add(proc)
+        try:
+            rc = proc.wait()
+        except BaseException:  # interrupted: let the trainer checkpoint (subprocess.run would kill it)
+            stop_training()
+            proc.wait()
+            raise
+        finally:
+            TRAINING.discard(proc)
     if rc != 0:
         tail = (folder / "train.out").read_text().splitlines()[-15:]
         raise RecipeError(f"{folder.name}: mtp-train exited with status {rc}; its last lines:\n" + "\n".join(tail))
@@ -217,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= n <= min(preset.sizes[s]["n_layers"] for s in sizes):
             p.error(f"--n: {n} must be between 1 and the number of transformer blocks")
     out = Path(args.out)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
     try:
         check_run_folder(out, {"recipe": args.recipe, "preset": args.preset, "data_seed": args.data_seed})
         tokens = prepare_data(args.recipe, preset, out, args.data_seed)
@@ -231,11 +261,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.jobs > 1:  # the training processes side by side; evaluation below, one model at a time
             threads = None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // args.jobs)
             with ThreadPoolExecutor(args.jobs) as pool:
-                list(pool.map(lambda m: train(*model_run(preset, out, tokens, *m[:4]), args.deepspeed_config,
-                                              threads), models))
+                try:
+                    list(pool.map(lambda m: train(*model_run(preset, out, tokens, *m[:4]), args.deepspeed_config,
+                                                  threads), models))
+                except Stopped:  # before the pool waits for its threads, which wait for their trainers
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    stop_training()
+                    raise
         rows = [run_model(args.recipe, preset, out, tokens, *m, args.deepspeed_config, trained=args.jobs > 1)
                 for m in models]
         write_results(args, rows, out)
+    except Stopped as e:
+        print(f"mtp-recipe: stopped by {e}; the models in training saved a checkpoint: run the same command "
+              f"again to continue", file=sys.stderr)
+        return 130 if str(e) == "SIGINT" else 143
     except (RecipeError, ValueError, OSError) as e:
         print(f"mtp-recipe: {e}", file=sys.stderr)
         return 1
