@@ -1,14 +1,17 @@
 """The lean build (ZeRO-0/1/2): a rank materialises only what it keeps, its pipeline stage and its tensor shards,
-with exactly the values of the whole build, so its peak while building is its own share plus one full tensor
-instead of the whole fp32 model (28 GB for Meta's 7B shape, on every rank of a node at once; 280 GB at 70B).
+with exactly the values of the whole build, so its peak while building is about its own share instead of the
+whole fp32 model (28 GB for Meta's 7B shape, on every rank of a node at once; 280 GB at 70B).
 
 The model is constructed on the meta device (no memory, no random numbers drawn), cut for tensor parallelism
-there, and then initialised one parameter at a time: every module that owns parameters redoes its own
-initialisation (reset_parameters, see model/transformer.py) on a full-size scratch tensor, in construction
-order, and the rank keeps its slice of it. The scratch tensors draw the same random numbers in the same order
-as the whole construction does (tied weights and other stages' weights are drawn too, then dropped), so every
-rank's slices are those of the single-process model built from the same seed, and the random generator ends in
-the same state. With `train.init_from` nothing is drawn: each kept slice is read alone from the safetensors file.
+there, and then initialised one module at a time: every module that owns parameters redoes its own
+initialisation (reset_parameters, see model/transformer.py) on full-size scratch tensors, and the rank keeps its
+slices of them. A first pass does this in construction order, keeping nothing, only to note the random
+generator's state before each module the rank keeps from; tied weights and other stages' weights are drawn and
+dropped, so the generator ends where the whole construction leaves it. A second pass redraws the kept modules
+from their noted states, largest first, so the model's large tensors (embedding, unembedding) are never drawn
+while the rank already holds the rest of its share: the peak is the share plus a small tensor, not plus the
+largest. Every rank's slices are those of the single-process model built from the same seed. With
+`train.init_from` nothing is drawn: each kept slice is read alone from the safetensors file.
 
 Parameters of other pipeline stages stay on the meta device; the pipeline module drops their layers. ZeRO-3
 builds under zero.Init instead (build_model.py), which partitions every module as soon as it exists.
@@ -16,6 +19,8 @@ builds under zero.Init instead (build_model.py), which partitions every module a
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
@@ -75,19 +80,54 @@ def build_lean(make_model: Callable[[], nn.Module], layout: ParallelLayout, part
                 materialise(p, read(name))
         return model, notes
 
+    # Pass 1, in construction order: draw every module (the random stream must advance as in the whole build)
+    # and note the generator's state before each module that owns a parameter this rank keeps. A tied
+    # parameter keeps the draw of its first owner, as in the whole build.
     final = dict(model.named_parameters(remove_duplicate=False))
-    done = set()
+    claimed, redraws = set(), []
     for prefix, module in order:
-        for attr, full in _redraw(module):
+        state = _rng_state()
+        mine = set()
+        for attr in (a for a, p in module._parameters.items() if p is not None):
             p = final[f"{prefix}.{attr}" if prefix else attr]
-            if id(p) in done or id(p) not in kept:
-                continue  # drawn all the same: the random stream must advance as in the whole build
-            done.add(id(p))
+            if id(p) in kept and id(p) not in claimed:
+                claimed.add(id(p))
+                mine.add(attr)
+        if mine:
+            redraws.append((prefix, module, state, mine))
+        _redraw(module)  # dropped at once: one scratch tensor at a time
+    end = _rng_state()
+    # Pass 2: redraw the kept modules from their noted states, largest first. A rank then never holds its
+    # whole share and a large scratch tensor at once (the last stage's unembedding is drawn last in
+    # construction order): its peak is its share plus the largest full tensor drawn after the share is nearly
+    # complete, i.e. a small one, rather than its share plus the model's largest tensor.
+    redraws.sort(key=lambda r: -sum(p.numel() for p in r[1]._parameters.values() if p is not None))
+    for prefix, module, state, mine in redraws:
+        _set_rng_state(state)
+        for attr, full in _redraw(module):
+            if attr not in mine:
+                continue
+            p = final[f"{prefix}.{attr}" if prefix else attr]
             if getattr(p, "tensor_model_parallel", False):  # the cut tensor_parallel._shard makes
-                full = full.chunk(tp.world, dim=p.partition_dim)[tp.rank].clone()
-            materialise(p, full)
-        del full  # before the next module draws: one scratch tensor at a time
+                full = full.chunk(tp.world, dim=p.partition_dim)[tp.rank]
+            materialise(p, full.clone())  # out of the scratch map
+        del full
+    _set_rng_state(end)
     return model, notes
+
+
+def _rng_state() -> torch.Tensor:
+    # The scratch tensors are created on the default device, so its generator draws them.
+    device = torch.empty(0).device
+    return torch.get_rng_state() if device.type == "cpu" else torch.get_device_module(device).get_rng_state(device)
+
+
+def _set_rng_state(state: torch.Tensor) -> None:
+    device = torch.empty(0).device
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.get_device_module(device).set_rng_state(state, device)
 
 
 def _initialisation_order(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -104,10 +144,21 @@ def _redraw(module: nn.Module):
     """(name, full tensor) of each of the module's own parameters, initialised anew by its reset_parameters()
     on scratch tensors of its parameters' shapes, dtypes and the default device, as its construction did."""
     own = {k: p for k, p in module._parameters.items() if p is not None}
-    scratch = {k: torch.empty(p.shape, dtype=p.dtype) for k, p in own.items()}
+    scratch = {k: _scratch(p.shape, p.dtype) for k, p in own.items()}
     module._parameters.update(scratch)
     try:
         module.reset_parameters()
     finally:
         module._parameters.update(own)
     return list(scratch.items())
+
+
+def _scratch(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor on the default device; on a CPU, in its own anonymous memory map, which goes back
+    to the system the moment the tensor is freed. From malloc, the freed scratch memory would stay in the process
+    (glibc keeps the holes between the kept slices and the generator states), and the resident set would grow
+    past the rank's share plus one tensor."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0 or torch.empty(0).device.type != "cpu":
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)

@@ -58,6 +58,23 @@ def test_lean_build_keeps_the_slices_of_the_whole_build(tmp_path, world, layout,
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("world, layout", [(2, ["--parallel.tensor", "2"]),
+                                           (4, ["--parallel.pipeline", "2", "--parallel.tensor", "2"])],
+                         ids=["tp2", "pp2-tp2"])
+def test_lean_build_peak_is_within_the_model_parallel_share_plus_the_largest_tensor(tmp_path, world, layout):
+    """Issue #19's target: alive at once while building, at most 1/(tensor x pipeline) of the model plus its
+    largest tensor. The unembedding is the largest tensor here, as in real vocabularies, and the heads stage holds
+    more than 1/(tensor x pipeline): building in construction order, the last stage would hold its whole share
+    when the unembedding is drawn; the lean build draws the rank's largest tensors first."""
+    ranks = lean_ranks(tmp_path, world, *layout, config=tiny_with(vocab_size=1024, n_layers=12, n_future_tokens=2,
+                                                                  head_loss_weights=[1.0, 0.5]))
+    assert_lean(ranks)
+    assert max(r["kept"] for r in ranks) > ranks[0]["whole"] / world  # a share above 1/(tensor x pipeline)
+    for r, got in enumerate(ranks):
+        assert got["peak"] <= got["whole"] / got["model_parallel"] + got["largest"], f"rank {r}: {got}"
+
+
+@pytest.mark.distributed
 def test_lean_init_from_reads_the_local_slices_of_todays_result(tmp_path):
     """A saved n=4 model continued as n=2 (the trunk kept): each rank's slices are load_initial_weights' whole
     result, cut."""

@@ -94,6 +94,7 @@ def main():
         "peak": mem.peak, "kept": sum(p.numel() * p.element_size() for p in unique),
         "largest": max(v.numel() * v.element_size() for v in ref.values()),
         "whole": sum(p.numel() * p.element_size() for p in whole.parameters()),
+        "model_parallel": cfg.parallel.tensor * cfg.parallel.pipeline,
     }))
 
 
