@@ -1,20 +1,18 @@
 """Full fp32 weights (Meta names) and the model config from anything training writes.
 
 Accepted: a consolidated folder (params.json + model.safetensors), a checkpoints folder (its `latest`), or
-one step_* folder. ZeRO-1/2/3 shards are merged by DeepSpeed's own zero_to_fp32; ZeRO-0 checkpoints hold
-the whole module in mp_rank_00_model_states.pt. With tensor parallelism each tensor rank's files (mp_rank_XX)
-are consolidated on their own and the shards then joined along the dimension each weight was split.
-Pipeline checkpoints keep each layer's module weights in layer_LL-model_TT-model_states.pt, in bf16 training the
-bf16 working copy; where the optimizer's fp32 partitions were saved (ZeRO-1, DeepSpeed's bf16 optimizer) those
-are read instead, one pipeline-and-tensor rank (mp_rank_XX = stage * tensor + tensor rank) at a time. Imports
-DeepSpeed's zero_to_fp32 for the ZeRO shards.
+one step_* folder. Where the optimizer's fp32 masters were saved in partitions (ZeRO-1/2/3, and DeepSpeed's bf16
+optimizer, also under pipeline parallelism) they are what is exported, merged as a resume on another layout
+merges them (pretrain/reshard.py, with DeepSpeed's zero_to_fp32): not the bf16 working copy that pipeline layer
+files hold in bf16 training. Otherwise (ZeRO-0) the weights are the module's own: the whole module in
+mp_rank_XX_model_states.pt, or each pipeline layer's in layer_LL-model_TT-model_states.pt. With tensor
+parallelism the shards are joined along the dimension each weight was split.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,11 +22,11 @@ from mtplm.model.weights import PARAMS_FILE, WEIGHTS_FILE, load_model, model_con
 
 from mtplm.pretrain.checkpoint import CONFIG_FILE, LATEST
 from mtplm.pretrain.pipeline import meta_name
+from mtplm.pretrain.reshard import has_zero_partitions, universal_state
 from mtplm.pretrain.tensor_parallel import merge_tensor_parallel_shards
 
 _MP_RANK = re.compile(r"mp_rank_(\d+)")
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
-_ZERO_OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$")
 
 
 def _strip(sd: dict) -> dict:
@@ -56,14 +54,15 @@ def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     train_cfg = json.loads((tag_dir / CONFIG_FILE).read_text())
     cfg = model_config_from_json(train_cfg["model"], str(tag_dir / CONFIG_FILE))
     layer_files = sorted(tag_dir.glob("layer_*-model_states.pt"))
-    if layer_files:
-        sd = _pipeline_state_dict(tag_dir, layer_files, cfg.n_trunk_layers,
-                                  train_cfg.get("parallel", {}).get("tensor", 1))
+    if has_zero_partitions(tag_dir):
+        sd = universal_state(tag_dir, keys=("fp32",))[0]["fp32"]
+    elif layer_files:
+        sd = _pipeline_state_dict(tag_dir, layer_files, cfg.n_trunk_layers)
     else:
         mp_ranks = _mp_ranks(tag_dir)
         if not mp_ranks:
             raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
-        sd = merge_tensor_parallel_shards([_tensor_rank_state_dict(tag_dir, r) for r in mp_ranks])
+        sd = merge_tensor_parallel_shards([_module_state_dict(tag_dir, r) for r in mp_ranks])
     sd = _strip(sd)
     if cfg.tie_embeddings and "output.weight" not in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
@@ -74,46 +73,15 @@ def _mp_ranks(tag_dir: Path) -> list[int]:
     return sorted({int(m.group(1)) for f in tag_dir.iterdir() if (m := _MP_RANK.search(f.name))})
 
 
-def _has_zero_partitions(tag_dir: Path) -> bool:
-    return any(_ZERO_OPTIM.match(f.name) for f in tag_dir.iterdir())
-
-
-def _tensor_rank_state_dict(tag_dir: Path, mp_rank: int) -> dict[str, torch.Tensor]:
-    """One model-parallel rank's fp32 weights. zero_to_fp32 reads every rank's files of a folder as one model,
-    so this rank's files are presented to it, under rank 0's names, in a folder of their own."""
-    mine = f"mp_rank_{mp_rank:02d}"
-    files = [f for f in tag_dir.iterdir() if mine in f.name]
-    if any(_ZERO_OPTIM.match(f.name) for f in files):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with tempfile.TemporaryDirectory() as tmp:
-            view = Path(tmp) / tag_dir.name
-            view.mkdir()
-            for f in files:
-                target = view / f.name.replace(mine, "mp_rank_00")
-                if f.name == f"{mine}_model_states.pt":
-                    states = torch.load(f, map_location="cpu", weights_only=True)
-                    if states.get("module") is None:
-                        # the pipeline engine writes its module weights to layer files; zero_to_fp32 reads the
-                        # buffers (the pipeline keeps none here) from this file's module entry
-                        torch.save({**states, "module": {}}, target)
-                        continue
-                target.symlink_to(f.resolve())
-            return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag_dir.name)
-    states = tag_dir / f"{mine}_model_states.pt"
+def _module_state_dict(tag_dir: Path, mp_rank: int) -> dict[str, torch.Tensor]:
+    states = tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
     if not states.is_file():
         raise FileNotFoundError(f"{tag_dir}: {states.name} is missing")
     return torch.load(states, map_location="cpu", weights_only=True)["module"]
 
 
-def _pipeline_state_dict(tag_dir: Path, layer_files: list[Path], n_trunk: int, tensor: int
-                         ) -> dict[str, torch.Tensor]:
+def _pipeline_state_dict(tag_dir: Path, layer_files: list[Path], n_trunk: int) -> dict[str, torch.Tensor]:
     by_rank: dict[int, dict[str, torch.Tensor]] = {}
-    if _has_zero_partitions(tag_dir):  # the fp32 masters, not the (bf16) working weights of the layer files
-        for mp_rank in _mp_ranks(tag_dir):
-            states = _tensor_rank_state_dict(tag_dir, mp_rank)
-            by_rank.setdefault(mp_rank % tensor, {}).update({meta_name(k, n_trunk): v for k, v in states.items()})
-        return merge_tensor_parallel_shards([by_rank[r] for r in sorted(by_rank)])
     for f in layer_files:
         m = _LAYER_FILE.match(f.name)
         if m is None:

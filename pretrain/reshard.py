@@ -49,6 +49,8 @@ _DS_OWN = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_
            "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
            "checkpoint_parallel_dimensions", "ds_config", "ds_version"}
 _DP_RANK = re.compile(r"zero_pp_rank_(\d+)_")
+_LAYER = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")  # a pipeline layer's weights, per tensor rank
+ZERO_FILES = "*zero_pp_rank_*"  # the optimizer partitions; DeepSpeed's bf16 optimizer prefixes them with bf16_
 
 
 class ReshardError(ValueError):
@@ -128,7 +130,8 @@ def _dp_sorted(files) -> list[Path]:
     return sorted(files, key=lambda f: int(_DP_RANK.search(f.name).group(1)))
 
 
-def _mp_rank_states(folder: Path, mp_rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+def _mp_rank_states(folder: Path, mp_rank: int, keys: tuple[str, ...]
+                    ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
     """One model-parallel rank's {key: {name: full tensor}} for the fp32 masters and both Adam moments, merged
     over its data-parallel ZeRO partitions by DeepSpeed's zero_to_fp32; and the optimizer step."""
     from deepspeed.checkpoint.constants import (BASE_OPTIMIZER_STATE, FP32_FLAT_GROUPS, PARAM_ALIGNMENT_PADDINGS,
@@ -137,20 +140,23 @@ def _mp_rank_states(folder: Path, mp_rank: int) -> tuple[dict[str, dict[str, tor
 
     mine = f"mp_rank_{mp_rank:02d}"
     model_file = sorted(folder.glob(f"*{mine}_model_states.pt"))[0]
-    optim_files = _dp_sorted(folder.glob(f"zero_pp_rank_*_{mine}_optim_states.pt"))
+    optim_files = _dp_sorted(folder.glob(f"{ZERO_FILES}_{mine}_optim_states.pt"))
     states = _load(model_file)
-    model_state = z.zero_model_state(buffers={}, param_shapes=states[PARAM_SHAPES],
-                                     shared_params=[[k, v] for k, v in states["shared_params"].items()],
+    optims = [_load(f)["optimizer_state_dict"] for f in optim_files]
+    # DeepSpeed's bf16 optimizer under ZeRO-0 (pipeline layouts) saves neither the parameter shapes nor a ZeRO
+    # stage; it partitions as ZeRO-1 does, and its fragment map orders the parameters.
+    shapes = states[PARAM_SHAPES] or _shapes_from_fragments(folder, mp_rank, optims)
+    model_state = z.zero_model_state(buffers={}, param_shapes=shapes,
+                                     shared_params=[[k, v] for k, v in (states["shared_params"] or {}).items()],
                                      ds_version=states.get("ds_version"), frozen_param_shapes=None,
                                      frozen_param_fragments=None)
-    optims = [_load(f)["optimizer_state_dict"] for f in optim_files]
-    stage, world = int(optims[0]["zero_stage"]), optims[0]["partition_count"]
+    stage, world = int(optims[0].get("zero_stage", 1)), optims[0]["partition_count"]
     world = max(world) if isinstance(world, list) else world
     if world != len(optims):
         raise ReshardError(f"{folder}: {len(optims)} optimizer files for {mine}, DeepSpeed's partition count is "
                            f"{world}")
     out = {}
-    for key in KEYS:
+    for key in keys:
         groups = []
         for o in optims:
             if stage <= 2:
@@ -173,14 +179,48 @@ def _mp_rank_states(folder: Path, mp_rank: int) -> tuple[dict[str, dict[str, tor
     return out, torch.as_tensor(step, dtype=torch.float32).clone()
 
 
-def _torch_optimizer_states(folder: Path, mp_rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
-    """The same from a ZeRO-0 (fp32) checkpoint: the whole module and the torch optimizer's state, whose entries
-    are numbered in the order of the engine's parameter groups (engine.param_groups: matrices, then the rest)."""
+def _shapes_from_fragments(folder: Path, mp_rank: int, optims: list[dict]) -> list[dict[str, torch.Size]]:
+    """Per parameter group, {engine name: shape} in the order of the flat fp32 groups: the names from each
+    data-parallel rank's fragment map (its slice of every group, in rank order), the shapes from the pipeline
+    layer files of this tensor rank."""
+    tensor = json.loads((folder / "mtp_config.json").read_text()).get("parallel", {}).get("tensor", 1)
+    sizes = {}
+    for f in folder.glob(f"layer_*-model_{mp_rank % tensor:02d}-model_states.pt"):
+        layer = int(_LAYER.match(f.name).group(1))
+        sizes.update({f"{layer}.{k}": v.shape for k, v in _load(f).items()})
+    if not sizes or any(o.get("param_slice_mappings") is None for o in optims):
+        raise ReshardError(f"{folder}: DeepSpeed saved no parameter shapes for mp_rank_{mp_rank:02d}")
+    groups = []
+    for g in range(len(optims[0]["param_slice_mappings"])):
+        names = {}
+        for o in optims:
+            fragments = o["param_slice_mappings"][g]
+            names.update(dict.fromkeys(sorted(fragments, key=lambda n: fragments[n].start)))
+        missing = [n for n in names if n not in sizes]
+        if missing:
+            raise ReshardError(f"{folder}: no layer file holds {missing[0]}, which the optimizer partitions name")
+        groups.append({n: sizes[n] for n in names})
+    return groups
+
+
+def _torch_optimizer_states(folder: Path, mp_rank: int, keys: tuple[str, ...]
+                            ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+    """The same from a ZeRO-0 checkpoint: the whole module and the torch optimizer's state, whose entries are
+    numbered in the order of the engine's parameter groups (engine.param_groups: matrices, then the rest). In
+    bf16/fp16, DeepSpeed's unfused mixed-precision wrapper saves the fp32 masters beside them, in the same order."""
     states = _load(folder / f"mp_rank_{mp_rank:02d}_model_states.pt")
     module, optim = states.get("module"), states.get("optimizer")
+    masters = None
+    if optim and "fp32_groups_flat" in optim:
+        raise ReshardError(f"{folder}: the fp32 masters are saved flattened (DeepSpeed's fused mixed-precision "
+                           f"optimizer under ZeRO-0), which the layout-free form does not read; resume it with the "
+                           f"layout that wrote it")
+    if optim and "fp32_groups" in optim:
+        masters = [t for group in optim["fp32_groups"] for t in group]
+        optim = optim["optimizer_state_dict"]
     if module is None or not optim or not optim.get("state"):
-        raise ReshardError(f"{folder}: no optimizer state by parameter (a ZeRO-0 pipeline or bf16 checkpoint keeps "
-                           f"it elsewhere); resume it with the layout that wrote it")
+        raise ReshardError(f"{folder}: no optimizer state by parameter (a ZeRO-0 fp32 pipeline checkpoint keeps "
+                           f"it by position in each stage's optimizer); resume it with the layout that wrote it")
     buffers, seen, names = set(states.get("buffer_names") or []), set(), []
     for k, v in module.items():
         if k not in buffers and v.untyped_storage().data_ptr() not in seen:  # a tied weight is one parameter
@@ -190,28 +230,38 @@ def _torch_optimizer_states(folder: Path, mp_rank: int) -> tuple[dict[str, dict[
     indices = [i for group in optim["param_groups"] for i in group["params"]]
     if len(indices) != len(ordered):
         raise ReshardError(f"{folder}: {len(indices)} optimizer entries for {len(ordered)} parameters")
-    out = {"fp32": {n: module[n] for n in ordered}}
-    for key in KEYS[1:]:
+    if masters is not None and [tuple(t.shape) for t in masters] != [tuple(module[n].shape) for n in ordered]:
+        raise ReshardError(f"{folder}: the fp32 masters do not follow the module's parameters")
+    out = {"fp32": dict(zip(ordered, masters)) if masters is not None else {n: module[n] for n in ordered}}
+    for key in keys[1:]:
         out[key] = {n: optim["state"][i][key] for i, n in zip(indices, ordered)}
     return out, torch.as_tensor(optim["state"][indices[0]]["step"], dtype=torch.float32).clone()
 
 
-def universal_state(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
-    """{key: {Meta name: full fp32 tensor}} and the optimizer step, from a ZeRO-1/2/3 checkpoint of any layout."""
+def has_zero_partitions(folder: Path) -> bool:
+    """Whether the optimizer's fp32 masters and moments were saved partitioned (ZeRO-1/2/3, DeepSpeed's bf16
+    optimizer) rather than by parameter in the model states (ZeRO-0)."""
+    return any(folder.glob(f"{ZERO_FILES}_optim_states.pt"))
+
+
+def universal_state(folder: Path, keys: tuple[str, ...] = KEYS
+                    ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+    """{key: {Meta name: full fp32 tensor}} for `keys` ("fp32" first) and the optimizer step, from a checkpoint of
+    any layout (ZeRO-0 only without pipeline parallelism)."""
     cfg = json.loads((folder / "mtp_config.json").read_text())
     tensor, pipeline = cfg.get("parallel", {}).get("tensor", 1), cfg.get("parallel", {}).get("pipeline", 1)
     n_trunk = model_config_from_json(cfg["model"], str(folder / "mtp_config.json")).n_trunk_layers
-    zero = any(folder.glob("zero_pp_rank_*_optim_states.pt"))
+    zero = has_zero_partitions(folder)
     by_tensor_rank: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     step = None
     for mp_rank in range(tensor * pipeline):
-        states, step = (_mp_rank_states if zero else _torch_optimizer_states)(folder, mp_rank)
+        states, step = (_mp_rank_states if zero else _torch_optimizer_states)(folder, mp_rank, keys)
         for key, sd in states.items():
             if pipeline > 1:
                 sd = {meta_name(k, n_trunk): v for k, v in sd.items()}
             by_tensor_rank.setdefault(mp_rank % tensor, {}).setdefault(key, {}).update(sd)
     full = {}
-    for key in KEYS:
+    for key in keys:
         merged = merge_tensor_parallel_shards([by_tensor_rank[r][key] for r in range(tensor)])
         merged = {k.removeprefix("module."): v.float() for k, v in merged.items()}
         if cfg["model"].get("tie_embeddings") and "tok_embeddings.weight" in merged:
@@ -257,7 +307,8 @@ def _step_for(optimizer, step: torch.Tensor):
 def _init_optimizer_states(engine, step: torch.Tensor) -> str:
     """Adam's state is created lazily at the first step; it is created here (zeros, to be overwritten) so that
     DeepSpeed's fragment API has somewhere to write. Returns the kind of optimizer: z3, hp (ZeRO-1/2 and the bf16
-    optimizer: DeepSpeed's lp->hp fragment mapping) or torch."""
+    optimizer: DeepSpeed's lp->hp fragment mapping), masters (ZeRO-0 in bf16/fp16: an fp32 master per parameter)
+    or torch."""
     opt = engine.optimizer
     if getattr(opt, "swap_optimizer", False):
         raise ReshardError("this run swaps the optimizer state to NVMe (offload_optimizer.device nvme), which the "
@@ -272,6 +323,15 @@ def _init_optimizer_states(engine, step: torch.Tensor) -> str:
         for flat in opt.fp32_partitioned_groups_flat:
             opt.optimizer.state[flat] = fresh(flat)
         return "z3"
+    if hasattr(opt, "fp32_groups_flat"):
+        raise ReshardError("this run's optimizer keeps its fp32 masters flattened (DeepSpeed's fused mixed-precision "
+                           "optimizer under ZeRO-0), which a checkpoint of another layout cannot be written into; "
+                           "use ZeRO-1, or the checkpoint's own layout")
+    if hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):  # the unfused one: a master per parameter
+        for group in opt.fp32_groups:
+            for master in group:
+                opt.optimizer.state[master] = fresh(master)
+        return "masters"
     if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
         for group in opt.optimizer.param_groups:
             for flat in group["params"]:
@@ -307,6 +367,8 @@ def load_universal(engine, folder: Path, n_trunk: int) -> dict:
     opt = engine.optimizer
     tp_rank, tp_world = _tensor_parallel(engine)
     pipeline = isinstance(engine.module, PipelineModule)
+    masters = {id(p): m for ps, ms in zip(opt.fp16_groups, opt.fp32_groups) for p, m in zip(ps, ms)
+               } if kind == "masters" else {}
     files = {k: safe_open(str(uni / f"{k}.safetensors"), framework="pt") for k in KEYS}
     names = set(files["fp32"].keys())
     for name, p in engine.module.named_parameters():
@@ -323,6 +385,12 @@ def load_universal(engine, folder: Path, n_trunk: int) -> dict:
             if tuple(full.shape) != shape:
                 raise ReshardError(f"{uni}: {meta} {key} has shape {tuple(full.shape)}, this run's shard {shape}")
             full = full.to(p.device)
+            if kind == "masters":
+                master = masters[id(p)]
+                (master if key == "fp32" else opt.optimizer.state[master][key]).data.copy_(full)
+                if key == "fp32":
+                    p.data.copy_(full)
+                continue
             if kind == "z3":
                 _set_z3(opt, p, key, full)
                 continue

@@ -7,14 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
 from dist_launch import run_ranks
 from dist_training import TINY, ds_json
+from mtplm.conversion.consolidate import consolidated_state_dict
 from mtplm.pretrain.checkpoint import COMPLETE, checkpoint_dir, save_checkpoint, tag_for
 from mtplm.pretrain.config import TrainConfig
-from mtplm.pretrain.reshard import UNIVERSAL, plan_batch
+from mtplm.pretrain.reshard import UNIVERSAL, plan_batch, universal_state
 
 WORKER = "tests/workers/train_synthetic.py"
 # Global batch 8 in every layout: micro-batch 2 x accumulation x data-parallel size.
@@ -95,6 +97,50 @@ def test_resume_on_another_layout_continues_the_same_run(tmp_path, reference, a,
         assert f"resumed with {change}" in log
     assert "carried over through" in log
     assert_same_run(reference, records, weights)
+
+
+PP2 = ("--parallel.pipeline", "2", "--train.grad_accum_steps", "4")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("a, b, says", [
+    (("zero0_bf16.json", *PP2), ("zero0_bf16.json",), "parallel.pipeline 2 -> 1"),
+    (("zero1_bf16.json", *PP2), ("zero1_bf16.json",), "parallel.pipeline 2 -> 1"),
+    (("zero0_bf16.json",), ("zero1_bf16.json", *PP2), "ZeRO stage 0 -> 1"),
+], ids=["pp2-1-zero0", "pp2-1-zero1", "pp1-2-zero0-1"])
+def test_a_bf16_checkpoint_carries_its_optimizer_state_exactly(tmp_path, a, b, says):
+    """bf16 keeps fp32 masters and Adam moments in one of DeepSpeed's mixed-precision optimizers: the bf16 one
+    (pipeline, and ZeRO-1), whose partition files are named bf16_zero_pp_rank_* and under ZeRO-0 come without
+    parameter shapes, or, under ZeRO-0 without stages, the unfused wrapper with a master per parameter. Resumed
+    on another layout (2 ranks each) and saved again at once, the new checkpoint holds bit for bit the masters,
+    moments and step of the old one, and consolidation (mtp-export-hf) reads what final/ holds. (bf16 steps
+    would not match a single-process fp32 reference, so the state itself is compared.)"""
+    first, second = tmp_path / "a", tmp_path / "b"
+
+    def run(out, ds, *args, resume=()):
+        run_ranks(2, [WORKER, "--config", write_config(tmp_path), "--train.steps", "3", "--train.out_dir", str(out),
+                      "--deepspeed_config", str(ds_json(tmp_path, ds)), *args, *resume], timeout=900, log_dir=out)
+
+    first.mkdir()
+    second.mkdir()
+    run(first, *a)
+    run(second, *b, resume=("--train.resume", str(first / "checkpoints")))
+    assert f"resumed with {says}" in (second / "stdout_rank0.txt").read_text()
+    (sa, step_a), (sb, step_b) = (universal_state(checkpoint_dir(str(out)) / tag_for(3)) for out in (first, second))
+    # 3 steps; the unfused wrapper's Adam counts one more (DeepSpeed steps it once with zero gradients to create
+    # its state), and the count carries over as it is, so that Adam's bias correction goes on as before.
+    assert step_a == step_b == (4 if a == ("zero0_bf16.json",) else 3)
+    trained = [v for k, v in sa["fp32"].items() if v.dim() == 2]  # the masters, not their bf16 working copy
+    assert all(not torch.equal(v, v.bfloat16().float()) for v in trained)
+    for key in sa:
+        assert sa[key].keys() == sb[key].keys(), key
+        for name in sa[key]:
+            assert torch.equal(sa[key][name], sb[key][name]), f"{key} {name}"
+    consolidated, _, _ = consolidated_state_dict(first / "checkpoints")
+    final = load_file(str(first / "final" / "model.safetensors"))
+    assert consolidated.keys() == final.keys()
+    for name, weight in final.items():
+        assert torch.equal(consolidated[name], weight.float()), name
 
 
 def test_resume_refuses_a_different_global_batch(tmp_path):
