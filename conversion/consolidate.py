@@ -22,7 +22,7 @@ from mtplm.model.weights import PARAMS_FILE, WEIGHTS_FILE, load_model, model_con
 
 from mtplm.pretrain.checkpoint import CONFIG_FILE, LATEST
 from mtplm.pretrain.pipeline import meta_name
-from mtplm.pretrain.reshard import has_zero_partitions, universal_state
+from mtplm.pretrain.reshard import has_zero_partitions, load_states, universal_state
 from mtplm.pretrain.tensor_parallel import merge_tensor_parallel_shards
 
 _MP_RANK = re.compile(r"mp_rank_(\d+)")
@@ -77,7 +77,7 @@ def _module_state_dict(tag_dir: Path, mp_rank: int) -> dict[str, torch.Tensor]:
     states = tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
     if not states.is_file():
         raise FileNotFoundError(f"{tag_dir}: {states.name} is missing")
-    return torch.load(states, map_location="cpu", weights_only=True)["module"]
+    return load_states(states)["module"]
 
 
 def _pipeline_state_dict(tag_dir: Path, layer_files: list[Path], n_trunk: int) -> dict[str, torch.Tensor]:
@@ -87,6 +87,6 @@ def _pipeline_state_dict(tag_dir: Path, layer_files: list[Path], n_trunk: int) -
         if m is None:
             raise ValueError(f"{f}: unexpected pipeline layer file name (expected layer_LL-model_TT-model_states.pt)")
         layer, tp_rank = int(m.group(1)), int(m.group(2))
-        states = torch.load(f, map_location="cpu", weights_only=True)
+        states = load_states(f)
         by_rank.setdefault(tp_rank, {}).update({meta_name(f"{layer}.{k}", n_trunk): v for k, v in states.items()})
     return merge_tensor_parallel_shards([by_rank[r] for r in sorted(by_rank)])

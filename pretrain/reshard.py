@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -64,22 +65,28 @@ def _model_states_file(folder: Path) -> Path:
     return files[0]
 
 
-def _load(path: Path) -> dict:
-    """DeepSpeed's files hold its loss scaler, ZeRO stage enum and fragment addresses besides tensors; only those
-    classes are allowed."""
+def load_states(path: Path) -> dict:
+    """One of DeepSpeed's checkpoint files. Besides tensors they hold its loss scaler, ZeRO stage enum and fragment
+    addresses; only those classes are allowed. A damaged or truncated file is a ReshardError naming it."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        reason = ("empty" if path.stat().st_size == 0 else "not in torch.save's zip format" if "mmap" in str(e)
+                  else str(e).split(". ")[0].strip())
+        raise ReshardError(f"{path}: not a readable checkpoint file ({reason}); it is damaged or was not written "
+                           f"completely") from None
 
 
 def saved_layout(folder: Path) -> dict:
     """How the checkpoint's run was laid out: {data_parallel, tensor, pipeline, zero_stage, precision,
     micro_batch_size, grad_accum_steps}."""
     cfg = json.loads((folder / "mtp_config.json").read_text())
-    states = _load(_model_states_file(folder))
+    states = load_states(_model_states_file(folder))
     ds = states.get("ds_config") or {}
     precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
     return {"data_parallel": int(states["dp_world_size"]), "tensor": cfg.get("parallel", {}).get("tensor", 1),
@@ -141,8 +148,8 @@ def _mp_rank_states(folder: Path, mp_rank: int, keys: tuple[str, ...]
     mine = f"mp_rank_{mp_rank:02d}"
     model_file = sorted(folder.glob(f"*{mine}_model_states.pt"))[0]
     optim_files = _dp_sorted(folder.glob(f"{ZERO_FILES}_{mine}_optim_states.pt"))
-    states = _load(model_file)
-    optims = [_load(f)["optimizer_state_dict"] for f in optim_files]
+    states = load_states(model_file)
+    optims = [load_states(f)["optimizer_state_dict"] for f in optim_files]
     # DeepSpeed's bf16 optimizer under ZeRO-0 (pipeline layouts) saves neither the parameter shapes nor a ZeRO
     # stage; it partitions as ZeRO-1 does, and its fragment map orders the parameters.
     shapes = states[PARAM_SHAPES] or _shapes_from_fragments(folder, mp_rank, optims)
@@ -187,7 +194,7 @@ def _shapes_from_fragments(folder: Path, mp_rank: int, optims: list[dict]) -> li
     sizes = {}
     for f in folder.glob(f"layer_*-model_{mp_rank % tensor:02d}-model_states.pt"):
         layer = int(_LAYER.match(f.name).group(1))
-        sizes.update({f"{layer}.{k}": v.shape for k, v in _load(f).items()})
+        sizes.update({f"{layer}.{k}": v.shape for k, v in load_states(f).items()})
     if not sizes or any(o.get("param_slice_mappings") is None for o in optims):
         raise ReshardError(f"{folder}: DeepSpeed saved no parameter shapes for mp_rank_{mp_rank:02d}")
     groups = []
@@ -208,7 +215,7 @@ def _torch_optimizer_states(folder: Path, mp_rank: int, keys: tuple[str, ...]
     """The same from a ZeRO-0 checkpoint: the whole module and the torch optimizer's state, whose entries are
     numbered in the order of the engine's parameter groups (engine.param_groups: matrices, then the rest). In
     bf16/fp16, DeepSpeed's unfused mixed-precision wrapper saves the fp32 masters beside them, in the same order."""
-    states = _load(folder / f"mp_rank_{mp_rank:02d}_model_states.pt")
+    states = load_states(folder / f"mp_rank_{mp_rank:02d}_model_states.pt")
     module, optim = states.get("module"), states.get("optimizer")
     masters = None
     if optim and "fp32_groups_flat" in optim:
@@ -276,7 +283,7 @@ def write_universal(folder: Path) -> Path:
     if (target / STATE_FILE).is_file():
         return target
     full, step = universal_state(folder)
-    states = _load(_model_states_file(folder))
+    states = load_states(_model_states_file(folder))
     tmp = folder / f".{UNIVERSAL}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -122,7 +122,7 @@ def test_meta_native_checkpoint_imports(tmp_path, mp):
     assert all(torch.equal(a, b) for a, b in zip(sd.values(), back.state_dict().values()))
 
 
-def test_export_from_training_checkpoints(tmp_path):
+def test_export_from_training_checkpoints(tmp_path, capsys):
     """Single-process ZeRO-1 and 2-process ZeRO-3 checkpoints export to the model the run ended with."""
     cfg = [sys.executable, "tests/workers/train_synthetic.py", "--config", "configs/tiny.yaml",
            "--model.vocab_size", "200", "--data.seq_len", "16", "--train.steps", "2", "--train.eval_interval", "0"]
@@ -138,6 +138,12 @@ def test_export_from_training_checkpoints(tmp_path):
         back = load_hf_export(tmp_path / f"{run}_hf")
         for (k, a), b in zip(final.state_dict().items(), back.state_dict().values()):
             assert torch.allclose(a, b, atol=1e-7), f"{run}: {k}"
+    # a damaged partition (a copy cut short) is named, and nothing is written
+    part = next((tmp_path / "z1" / "checkpoints").glob("step_*/zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    part.write_bytes(part.read_bytes()[:4096])
+    assert export_main([str(tmp_path / "z1" / "checkpoints"), str(tmp_path / "damaged_hf")]) == 1
+    assert f"{part}: not a readable checkpoint file (" in capsys.readouterr().err
+    assert not (tmp_path / "damaged_hf").exists()
 
 
 def test_export_from_a_run_whose_tokenizer_moved_names_it_and_takes_tokenizer(tmp_path, capsys, monkeypatch):
