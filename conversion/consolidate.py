@@ -1,12 +1,12 @@
 """Full fp32 weights (Meta names) and the model config from anything training writes.
 
 Accepted: a consolidated folder (params.json + model.safetensors), a checkpoints folder (its `latest`), or
-one step_* folder. Where the optimizer's fp32 masters were saved in partitions (ZeRO-1/2/3, and DeepSpeed's bf16
-optimizer, also under pipeline parallelism) they are what is exported, merged as a resume on another layout
-merges them (pretrain/reshard.py, with DeepSpeed's zero_to_fp32): not the bf16 working copy that pipeline layer
-files hold in bf16 training. Otherwise (ZeRO-0) the weights are the module's own: the whole module in
-mp_rank_XX_model_states.pt, or each pipeline layer's in layer_LL-model_TT-model_states.pt. With tensor
-parallelism the shards are joined along the dimension each weight was split.
+one step_* folder. Where the optimizer's fp32 masters were saved (in partitions: ZeRO-1/2/3 and DeepSpeed's bf16
+optimizer, also under pipeline parallelism; by parameter: its unfused bf16/fp16 wrapper under ZeRO-0) they are
+what is exported, read as a resume on another layout reads them (pretrain/reshard.py, with DeepSpeed's
+zero_to_fp32 merger), not the bf16 working copy. Otherwise (fp32 ZeRO-0) the weights are the module's own: the
+whole module in mp_rank_XX_model_states.pt, or each pipeline layer's in layer_LL-model_TT-model_states.pt. With
+tensor parallelism the shards are joined along the dimension each weight was split.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from mtplm.model.weights import PARAMS_FILE, WEIGHTS_FILE, load_model, model_con
 
 from mtplm.pretrain.checkpoint import CONFIG_FILE, LATEST
 from mtplm.pretrain.pipeline import meta_name
-from mtplm.pretrain.reshard import has_zero_partitions, load_states, universal_state
+from mtplm.pretrain.reshard import has_zero_partitions, holds_fp32_masters, load_states, universal_state
 from mtplm.pretrain.tensor_parallel import merge_tensor_parallel_shards
 
 _MP_RANK = re.compile(r"mp_rank_(\d+)")
@@ -54,7 +54,7 @@ def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     train_cfg = json.loads((tag_dir / CONFIG_FILE).read_text())
     cfg = model_config_from_json(train_cfg["model"], str(tag_dir / CONFIG_FILE))
     layer_files = sorted(tag_dir.glob("layer_*-model_states.pt"))
-    if has_zero_partitions(tag_dir):
+    if has_zero_partitions(tag_dir) or (not layer_files and holds_fp32_masters(tag_dir)):
         sd = universal_state(tag_dir, keys=("fp32",))[0]["fp32"]
     elif layer_files:
         sd = _pipeline_state_dict(tag_dir, layer_files, cfg.n_trunk_layers)

@@ -124,8 +124,32 @@ class Steps:
         """Collective: this replica's full weights with Meta's names on the rank with keep=True (one replica's
         tensor rank 0 of the first stage); {} elsewhere."""
         # bf16/fp16: the optimizer's fp32 masters, not the rounded working copy the forward uses.
-        masters = self.engine.bfloat16_enabled() or self.engine.fp16_enabled()
-        return gather_full_state_dict(self.model, self.layout.tensor, keep=keep, masters=masters)
+        mixed = self.engine.bfloat16_enabled() or self.engine.fp16_enabled()
+        return gather_full_state_dict(self.model, self.layout.tensor, keep=keep,
+                                      master=fp32_master(self.engine.optimizer) if mixed else None)
+
+
+def fp32_master(optimizer):
+    """p -> the fp32 master of parameter p (its full tensor, or this rank's tensor shard), or None. DeepSpeed's
+    fragment API covers ZeRO-1/2/3 and its bf16 optimizer; its mixed-precision wrappers under ZeRO-0 (bf16 without
+    stages, fp16) keep a master per parameter (unfused) or one flat master per group (fused, on GPUs)."""
+    from torch._utils import _unflatten_dense_tensors
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups_flat"):
+        masters = [_unflatten_dense_tensors(flat, group)
+                   for flat, group in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups)]
+    elif hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups"):
+        masters = optimizer.fp32_groups
+    else:
+        return safe_get_full_fp32_param
+    by_param = {id(p): m for group, ms in zip(optimizer.fp16_groups, masters) for p, m in zip(group, ms)}
+
+    def master(p):
+        m = by_param.get(id(p))
+        return None if m is None else m.detach()
+
+    return master
 
 
 class DataParallelSteps(Steps):

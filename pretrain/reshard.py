@@ -251,6 +251,12 @@ def has_zero_partitions(folder: Path) -> bool:
     return any(folder.glob(f"{ZERO_FILES}_optim_states.pt"))
 
 
+def holds_fp32_masters(folder: Path) -> bool:
+    """Whether a ZeRO-0 checkpoint's optimizer state holds fp32 masters (DeepSpeed's unfused mixed-precision
+    wrapper: bf16 without stages, fp16) beside the module's working copy."""
+    return "fp32_groups" in (load_states(_model_states_file(folder)).get("optimizer") or {})
+
+
 def universal_state(folder: Path, keys: tuple[str, ...] = KEYS
                     ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
     """{key: {Meta name: full fp32 tensor}} for `keys` ("fp32" first) and the optimizer step, from a checkpoint of

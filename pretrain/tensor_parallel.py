@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -211,19 +212,19 @@ def apply_tensor_parallel(model, tp: TensorParallel):
 
 
 def gather_full_state_dict(module: nn.Module, tp: TensorParallel, keep: bool = True,
-                           masters: bool = False) -> dict[str, torch.Tensor]:
+                           master: Callable[[nn.Parameter], torch.Tensor | None] | None = None
+                           ) -> dict[str, torch.Tensor]:
     """Collective over the tensor-parallel group (and, under ZeRO-3, the data-parallel group): the module's
     state dict with every shard re-assembled (on CPU); ranks with keep=False only take part and return {}.
     ZeRO-3 partitions are gathered one parameter at a time, so no rank holds the whole model on the device.
-    masters=True (ZeRO-1/2 or DeepSpeed's bf16 optimizer; collective over the data-parallel group too): the
-    optimizer's fp32 master of each parameter, not its bf16/fp16 working copy."""
+    master(p), where given: the optimizer's fp32 master of p (the rank's tensor shard), to take in place of its
+    bf16/fp16 working copy (engine.py's fp32_master; collective over the data-parallel group under ZeRO-1/2)."""
     import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
 
     out = {}
     for name, p in module.named_parameters(remove_duplicate=False):
         with deepspeed.zero.GatheredParameters([p]):
-            t = safe_get_full_fp32_param(p) if masters else None
+            t = master(p) if master is not None else None
             t = p.detach() if t is None else t
             if tp.world > 1 and getattr(p, "tensor_model_parallel", False):
                 parts = [torch.empty_like(t) for _ in range(tp.world)]

@@ -8,12 +8,14 @@ under ZeRO-0 to 3 against a bf16 naive run of the same layout.
 """
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from dist_training import assert_matches, ds_json, params_held, train
 from mtplm.conversion.consolidate import consolidated_state_dict
+from mtplm.pretrain.engine import fp32_master
 
 pytestmark = pytest.mark.distributed
 
@@ -94,11 +96,26 @@ def test_bf16_sequential_matches_bf16_naive(tmp_path, stage):
         off = (w_seq[k] - w_naive[k]).abs() > 1e-3 * w_naive[k].abs().max().clamp(min=1.0)
         assert off.sum().item() <= max(2, 0.01 * off.numel()), f"{k}: {off.sum().item()} of {off.numel()} entries differ"
     # final/ holds the optimizer's fp32 masters, not their bf16 rounding (the working copy), like the checkpoint's
-    # consolidation (what mtp-export-hf reads). Under ZeRO-0, DeepSpeed 0.19.8 exposes no masters to
-    # safe_get_full_fp32_param: final/ keeps the bf16 weights there.
-    if stage == 0:
-        return
+    # consolidation (what mtp-export-hf reads); under ZeRO-0 they are the unfused bf16 wrapper's, by parameter.
     state, _, _ = consolidated_state_dict(tmp_path / "bf16_seq" / "checkpoints")
     for k, v in w_seq.items():
         assert v.dtype == torch.float32 and torch.equal(v, state[k].float()), k
     assert any(not torch.equal(v, v.bfloat16().float()) for v in w_seq.values() if v.dim() == 2)
+
+
+def test_fp32_master_finds_each_parameters_master_in_deepspeeds_zero0_wrappers():
+    """Under ZeRO-0 in bf16/fp16, DeepSpeed's unfused wrapper keeps an fp32 master per parameter (tested end to end
+    above); its fused one (FP16_Optimizer, which needs a GPU's fused Adam) one flat master per parameter group,
+    in the order of the group's parameters."""
+    from torch._utils import _flatten_dense_tensors
+
+    params = [[torch.randn(3, 2).bfloat16(), torch.randn(4).bfloat16()], [torch.randn(5).bfloat16()]]
+    masters = [[p.float() + 1 for p in group] for group in params]
+    fused = SimpleNamespace(fp16_groups=params, fp32_groups_flat=[_flatten_dense_tensors(g) for g in masters])
+    unfused = SimpleNamespace(fp16_groups=params, fp32_groups=masters)
+    for optimizer in (fused, unfused):
+        master = fp32_master(optimizer)
+        for group, group_masters in zip(params, masters):
+            for p, m in zip(group, group_masters):
+                assert torch.equal(master(p), m)
+        assert master(torch.zeros(1)) is None
