@@ -24,6 +24,7 @@ class StopSignal:
     def __init__(self):
         self.requested = False
         self.signum = None
+        self._group = None  # connect()
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def _handle(self, signum, frame):
@@ -37,14 +38,20 @@ class StopSignal:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else "none"
 
-    def agreed(self, device) -> bool:
+    def connect(self) -> None:
+        """Collective, once the default process group exists: the group the stop flag is reduced over."""
+        if dist.get_world_size() > 1:
+            # gloo, on the host: over the default NCCL group, reading the flag would make the host wait for the
+            # device's queue after every step, which the training step itself never does (trainer._flush).
+            self._group = dist.new_group(backend="gloo")
+
+    def agreed(self) -> bool:
         """Collective: True on every rank if any rank was signalled (ranks must stop at the same step to save
-        together). Reading the reduced flag waits for the device: one host synchronisation between steps, which a
-        single process does not need."""
+        together)."""
         if dist.get_world_size() == 1:
             return self.requested
-        flag = torch.tensor([1 if self.requested else 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([1 if self.requested else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
 
     def restore(self) -> None:

@@ -58,6 +58,7 @@ class Trainer:
         on_cpu = dist_info.on_cpu if dist_info else not torch.cuda.is_available()
         ds_cfg = build_ds_config(cfg, t.deepspeed_config, self.dp_world, on_cpu)
         self.dist = dist_info or init_distributed()
+        self.stop.connect()
         self.layout = build_layout(cfg, self.dist.rank, self.dist.world_size)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.out_dir = Path(cfg.train.out_dir)
@@ -225,7 +226,7 @@ class Trainer:
                         result.task_log.append({"step": self.step, **tasks})
                     self.logger.write(self.step, "tasks", tasks, echo=True)
                     throughput.restart()
-                if stop.agreed(self.engine.device):
+                if stop.agreed():
                     self._flush(pending, throughput, result)
                     self.logger.info(f"stop requested ({stop.name}); checkpointing at step {self.step}")
                     self.save()

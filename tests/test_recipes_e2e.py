@@ -2,8 +2,11 @@
 and plot; a re-run retrains and re-evaluates nothing. Which n wins is not asserted (a handful of steps)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -46,3 +49,41 @@ def test_recipe_tiny_end_to_end(tmp_path, name, groups):
 
     other = recipe(name, "--preset", "quick", "--out", str(out))
     assert other.returncode == 1 and "holds another run" in other.stderr and "preset" in other.stderr
+
+
+@pytest.mark.parametrize("sig, whole_group, code", [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)],
+                         ids=["ctrl-c", "sigterm-to-mtp-recipe"])
+def test_a_stopped_recipe_checkpoints_every_model_in_training(tmp_path, sig, whole_group, code):
+    """Ctrl-C reaches the whole process group; `kill PID` (SIGTERM) mtp-recipe alone, which passes it on to the
+    --jobs trainers. Either way each model in training saves a checkpoint, nothing is left running, and the
+    recipe says how to go on. (The quick preset: its models train long enough to be stopped mid-run.)"""
+    out = tmp_path / "induction"
+    proc = subprocess.Popen([sys.executable, "-m", "mtplm.recipes.run", "induction", "--preset", "quick", "--out",
+                             str(out), "--seeds", "1", "2", "--n", "1", "--jobs", "2"], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        def training():  # models that have logged a training step
+            return [m for m in out.glob("models/*/metrics.jsonl") if '"kind": "train"' in m.read_text()]
+
+        deadline = time.monotonic() + 400  # a bound on a hang, not a timing assertion
+        while len(training()) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None and len(training()) == 2, proc.stderr.read() if proc.poll() is not None else ""
+        if whole_group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == code, err[-3000:]
+    assert f"mtp-recipe: stopped by {signal.Signals(sig).name}; the models in training saved a checkpoint" in err
+    for model in sorted((out / "models").iterdir()):
+        latest = model / "checkpoints" / "latest"
+        assert latest.is_file(), model.name
+        step = model / "checkpoints" / latest.read_text().strip()
+        assert (step / "COMPLETE").is_file() and not (model / "final").exists(), model.name
+    with pytest.raises(ProcessLookupError):  # every trainer has exited
+        os.killpg(proc.pid, 0)
