@@ -57,6 +57,14 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, vocab_size: i
     return F.cross_entropy(logits[:, :vocab_size].float(), targets, ignore_index=ignore_index, reduction="sum")
 
 
+def greedy_tokens(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Every position's greedy token from (..., padded_vocab) logits; padded vocabulary rows are excluded.
+
+    MTPLoss's default greedy; tensor parallelism swaps in a vocabulary-parallel one.
+    """
+    return logits[..., :vocab_size].argmax(-1)
+
+
 class LossHeads(Protocol):
     """What MTPLoss needs of the module holding the heads: the model, or the pipeline's last stage."""
 
@@ -76,6 +84,7 @@ class MTPLoss:
     chunk_tokens: tokens per cross-entropy chunk of the sequential path; None picks default_chunk_tokens.
     cross_entropy: (padded logits, targets, vocab_size, ignore_index) -> summed loss; tensor parallelism swaps in
         the vocabulary-parallel one.
+    greedy: (padded logits, vocab_size) -> greedy tokens, for draft acceptance; likewise swapped.
     grad_ready_hook: called as hook(params, ready) around the sequential heads' inner backward passes, so a
         data-parallel engine reduces the shared norm's and unembedding's gradients only after their last
         contribution; set by the DeepSpeed engine seam.
@@ -90,6 +99,7 @@ class MTPLoss:
     def __init__(self, impl: str = "sequential", chunk_tokens: int | None = None):
         self.impl, self.chunk_tokens = impl, chunk_tokens
         self.cross_entropy = cross_entropy_sum
+        self.greedy = greedy_tokens
         self.grad_ready_hook = None
         self.engine_owns_grads = False
         self._written = None  # (norm weight's .grad, its version) after the last forward that wrote head gradients
@@ -148,7 +158,7 @@ class MTPLoss:
         cfg = heads.cfg
         targets = head_targets(labels, padded_logits.shape[2], cfg.n_future_tokens, cfg.ignore_index)
         if argmax_out is not None:
-            argmax_out.copy_(padded_logits[..., : cfg.vocab_size].argmax(-1))
+            argmax_out.copy_(self.greedy(padded_logits.detach(), cfg.vocab_size))
         head_losses = []
         total = padded_logits.new_zeros((), dtype=torch.float32)
         for k in range(padded_logits.shape[0]):
@@ -266,7 +276,7 @@ def _run_heads(heads, loss, h_leaf, rope, targets, grad_scale, needs_grad, argma
             chunk_loss = loss.cross_entropy(logits, tgt[s:e], cfg.vocab_size, cfg.ignore_index)
             loss_sum += chunk_loss.detach()
             if argmax_out is not None:
-                argmax_out[k].view(-1)[s:e] = logits.detach()[:, : cfg.vocab_size].argmax(-1)
+                argmax_out[k].view(-1)[s:e] = loss.greedy(logits.detach(), cfg.vocab_size)
             if needs_grad and active:
                 loss._set_ready([out_w], out_last_use_here and last_head and i == len(starts) - 1)
                 torch.autograd.backward(chunk_loss * (coef * grad_scale))

@@ -154,6 +154,25 @@ def vocab_parallel_cross_entropy_sum(logits, targets, vocab_size, ignore_index, 
     return torch.where(targets != ignore_index, loss, 0.0).sum()
 
 
+def vocab_parallel_greedy_tokens(logits, vocab_size, *, tp: TensorParallel):
+    """Every position's greedy token from (..., padded_vocab / world) logit shards: each rank's best token and
+    its logit, then the best over the ranks, with two all-gathers of N numbers instead of gathering N x vocab.
+    A tie goes to the lowest token, as argmax over the whole vocabulary does (shards are in vocabulary order)."""
+    shard = logits.shape[-1]
+    start = tp.rank * shard
+    logits = logits.float()
+    if start + shard > vocab_size:  # padded vocabulary rows are never a token
+        padded = torch.arange(start, start + shard, device=logits.device) >= vocab_size
+        logits = logits.masked_fill(padded, float("-inf"))
+    best, token = logits.max(dim=-1)
+    bests = [torch.empty_like(best) for _ in range(tp.world)]
+    tokens = [torch.empty_like(token) for _ in range(tp.world)]
+    dist.all_gather(bests, best.contiguous(), group=tp.group)
+    dist.all_gather(tokens, (token + start).contiguous(), group=tp.group)
+    winner = torch.stack(bests).argmax(dim=0, keepdim=True)  # the first, i.e. lowest, shard among equals
+    return torch.stack(tokens).gather(0, winner).squeeze(0)
+
+
 def parallelize_block(block, tp: TensorParallel) -> None:
     """Split one TransformerBlock in place."""
     attn, ffn = block.attention, block.feed_forward
@@ -177,6 +196,7 @@ def parallelize_unembedding(model, tp: TensorParallel, tied_weight: nn.Parameter
     """The shared unembedding as vocabulary shards, and the model's loss as the vocabulary-parallel one."""
     model.output = ColumnParallelLinear(model.output, tp, weight=tied_weight)
     model.loss.cross_entropy = functools.partial(vocab_parallel_cross_entropy_sum, tp=tp)
+    model.loss.greedy = functools.partial(vocab_parallel_greedy_tokens, tp=tp)
 
 
 def apply_tensor_parallel(model, tp: TensorParallel):

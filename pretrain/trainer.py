@@ -160,8 +160,7 @@ class Trainer:
         batches = list(itertools.islice(iter(self.valid_loader), self.cfg.train.eval_iters))
         if not batches:
             return None
-        # Draft acceptance needs whole-vocabulary logits: tensor parallelism's are vocabulary shards.
-        with_acceptance = self.cfg.model.n_future_tokens > 1 and self.layout.tensor.world == 1
+        with_acceptance = self.cfg.model.n_future_tokens > 1
         head_losses, acceptance = self.steps.evaluate(batches, with_acceptance)
         weights = torch.tensor(self.cfg.model.loss_weights)
         result = {"loss": float((weights * head_losses).sum()), "head_losses": [float(x) for x in head_losses]}

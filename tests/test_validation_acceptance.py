@@ -40,10 +40,12 @@ def test_loss_paths_return_every_heads_argmax(loss_impl):
     assert torch.equal(loss.acceptance.as_tensor(), acceptance_counts(want).as_tensor())
 
 
-@pytest.mark.parametrize("layout", ["single", pytest.param("pipeline", marks=pytest.mark.distributed)])
+@pytest.mark.parametrize("layout", ["single", pytest.param("pipeline", marks=pytest.mark.distributed),
+                                    pytest.param("tensor", marks=pytest.mark.distributed),
+                                    pytest.param("pipeline-tensor", marks=pytest.mark.distributed)])
 def test_validation_logs_teacher_forced_acceptance(tmp_path, layout):
-    """A short real run (sequential loss, ZeRO-1; one process, or two pipeline stages whose last computes the
-    figures): the acceptance and tokens per forward its last validation logged equal the teacher-forced
+    """A short real run (sequential loss, ZeRO-1; one process, two pipeline stages whose last computes the
+    figures, tensor parallelism with vocabulary-sharded logits, or both): the acceptance and tokens per forward its last validation logged equal the teacher-forced
     function's on the final model and the same validation batches, in the returned log, metrics.jsonl, the
     console line and DeepSpeed's monitor (CSV here; TensorBoard alike)."""
     sys.path.insert(0, str(REPO / "tests" / "workers"))
@@ -59,8 +61,11 @@ def test_validation_logs_teacher_forced_acceptance(tmp_path, layout):
             "--train.steps", "30", "--train.eval_interval", "30", "--train.eval_iters", "2",
             "--train.out_dir", str(out), "--deepspeed_config", str(tmp_path / "ds.json")]
     cfg = parse_args(args)  # before the run: afterwards its checkpoints would make this a refused re-run
-    if layout == "pipeline":
-        run_ranks(2, ["tests/workers/train_synthetic.py", *args, "--parallel.pipeline", "2"], timeout=600)
+    parallel = {"pipeline": ["--parallel.pipeline", "2"], "tensor": ["--parallel.tensor", "2"],
+                "pipeline-tensor": ["--parallel.pipeline", "2", "--parallel.tensor", "2"]}
+    if layout in parallel:
+        world = 4 if layout == "pipeline-tensor" else 2
+        run_ranks(world, ["tests/workers/train_synthetic.py", *args, *parallel[layout]], timeout=600)
     else:
         proc = subprocess.run([sys.executable, "tests/workers/train_synthetic.py", *args], cwd=REPO,
                               capture_output=True, text=True, timeout=600)
