@@ -22,11 +22,11 @@ from mtplm.model.weights import PARAMS_FILE, WEIGHTS_FILE, load_model, model_con
 
 from mtplm.pretrain.checkpoint import CONFIG_FILE, LATEST
 from mtplm.pretrain.pipeline import meta_name
-from mtplm.pretrain.reshard import has_zero_partitions, holds_fp32_masters, load_states, universal_state
+from mtplm.pretrain.reshard import (LAYER_FILE, has_zero_partitions, holds_fp32_masters, load_states,
+                                   universal_state)
 from mtplm.pretrain.tensor_parallel import merge_tensor_parallel_shards
 
 _MP_RANK = re.compile(r"mp_rank_(\d+)")
-_LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 
 
 def _strip(sd: dict) -> dict:
@@ -83,7 +83,7 @@ def _module_state_dict(tag_dir: Path, mp_rank: int) -> dict[str, torch.Tensor]:
 def _pipeline_state_dict(tag_dir: Path, layer_files: list[Path], n_trunk: int) -> dict[str, torch.Tensor]:
     by_rank: dict[int, dict[str, torch.Tensor]] = {}
     for f in layer_files:
-        m = _LAYER_FILE.match(f.name)
+        m = LAYER_FILE.match(f.name)
         if m is None:
             raise ValueError(f"{f}: unexpected pipeline layer file name (expected layer_LL-model_TT-model_states.pt)")
         layer, tp_rank = int(m.group(1)), int(m.group(2))

@@ -27,6 +27,7 @@ from .ds_config import precision, zero_stage
 from .lr_schedule import scheduler_factory
 from .parallel_layout import ParallelLayout
 from .pipeline import build_pipeline_module, gather_pipeline_state_dict
+from .reshard import wrapper_masters
 from .tensor_parallel import gather_full_state_dict
 
 
@@ -131,22 +132,16 @@ class Steps:
 
 def fp32_master(optimizer):
     """p -> the fp32 master of parameter p (its full tensor, or this rank's tensor shard), or None. DeepSpeed's
-    fragment API covers ZeRO-1/2/3 and its bf16 optimizer; its mixed-precision wrappers under ZeRO-0 (bf16 without
-    stages, fp16) keep a master per parameter (unfused) or one flat master per group (fused, on GPUs)."""
-    from torch._utils import _unflatten_dense_tensors
+    fragment API covers ZeRO-1/2/3 and its bf16 optimizer; its mixed-precision wrappers under ZeRO-0 are read
+    directly (reshard.wrapper_masters)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    if hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups_flat"):
-        masters = [_unflatten_dense_tensors(flat, group)
-                   for flat, group in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups)]
-    elif hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups"):
-        masters = optimizer.fp32_groups
-    else:
+    masters = wrapper_masters(optimizer)
+    if masters is None:
         return safe_get_full_fp32_param
-    by_param = {id(p): m for group, ms in zip(optimizer.fp16_groups, masters) for p, m in zip(group, ms)}
 
     def master(p):
-        m = by_param.get(id(p))
+        m = masters.get(id(p))
         return None if m is None else m.detach()
 
     return master

@@ -118,12 +118,12 @@ def build_lean(make_model: Callable[[], nn.Module], layout: ParallelLayout, part
 
 def _rng_state() -> torch.Tensor:
     # The scratch tensors are created on the default device, so its generator draws them.
-    device = torch.empty(0).device
+    device = torch.get_default_device()
     return torch.get_rng_state() if device.type == "cpu" else torch.get_device_module(device).get_rng_state(device)
 
 
 def _set_rng_state(state: torch.Tensor) -> None:
-    device = torch.empty(0).device
+    device = torch.get_default_device()
     if device.type == "cpu":
         torch.set_rng_state(state)
     else:
@@ -159,6 +159,6 @@ def _scratch(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     (glibc keeps the holes between the kept slices and the generator states), and the resident set would grow
     past the rank's share plus one tensor."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes == 0 or torch.empty(0).device.type != "cpu":
+    if nbytes == 0 or torch.get_default_device().type != "cpu":
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)

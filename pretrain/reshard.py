@@ -50,7 +50,7 @@ _DS_OWN = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_
            "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
            "checkpoint_parallel_dimensions", "ds_config", "ds_version"}
 _DP_RANK = re.compile(r"zero_pp_rank_(\d+)_")
-_LAYER = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")  # a pipeline layer's weights, per tensor rank
+LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")  # a pipeline layer's weights, per tensor rank
 ZERO_FILES = "*zero_pp_rank_*"  # the optimizer partitions; DeepSpeed's bf16 optimizer prefixes them with bf16_
 
 
@@ -193,7 +193,7 @@ def _shapes_from_fragments(folder: Path, mp_rank: int, optims: list[dict]) -> li
     tensor = json.loads((folder / "mtp_config.json").read_text()).get("parallel", {}).get("tensor", 1)
     sizes = {}
     for f in folder.glob(f"layer_*-model_{mp_rank % tensor:02d}-model_states.pt"):
-        layer = int(_LAYER.match(f.name).group(1))
+        layer = int(LAYER_FILE.match(f.name).group(1))
         sizes.update({f"{layer}.{k}": v.shape for k, v in load_states(f).items()})
     if not sizes or any(o.get("param_slice_mappings") is None for o in optims):
         raise ReshardError(f"{folder}: DeepSpeed saved no parameter shapes for mp_rank_{mp_rank:02d}")
@@ -355,6 +355,24 @@ def _init_optimizer_states(engine, step: torch.Tensor) -> str:
     return "torch"
 
 
+def wrapper_masters(optimizer) -> dict[int, torch.Tensor] | None:
+    """id(parameter) -> its fp32 master in DeepSpeed's mixed-precision wrappers under ZeRO-0 (bf16 without stages,
+    fp16): the unfused one keeps a master per parameter, the fused one (FusedAdam, on GPUs) one flat master per
+    group, given here as views into it. None for any other optimizer."""
+    from torch._utils import _unflatten_dense_tensors
+
+    if not hasattr(optimizer, "fp16_groups"):
+        return None
+    if hasattr(optimizer, "fp32_groups_flat"):
+        masters = [_unflatten_dense_tensors(flat, group)
+                   for flat, group in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups)]
+    elif hasattr(optimizer, "fp32_groups"):
+        masters = optimizer.fp32_groups
+    else:
+        return None
+    return {id(p): m for group, ms in zip(optimizer.fp16_groups, masters) for p, m in zip(group, ms)}
+
+
 def _set_z3(opt, p, key: str, full: torch.Tensor) -> None:
     """This rank's ZeRO-3 partition of one parameter's master or moment (the last partition is zero-padded)."""
     part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False,
@@ -380,8 +398,7 @@ def load_universal(engine, folder: Path, n_trunk: int) -> dict:
     opt = engine.optimizer
     tp_rank, tp_world = _tensor_parallel(engine)
     pipeline = isinstance(engine.module, PipelineModule)
-    masters = {id(p): m for ps, ms in zip(opt.fp16_groups, opt.fp32_groups) for p, m in zip(ps, ms)
-               } if kind == "masters" else {}
+    masters = wrapper_masters(opt) if kind == "masters" else {}
     files = {k: safe_open(str(uni / f"{k}.safetensors"), framework="pt") for k in KEYS}
     names = set(files["fp32"].keys())
     for name, p in engine.module.named_parameters():
