@@ -48,7 +48,7 @@ def main() -> None:
     from mtplm.recipes.presets import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["tiny", "quick", "paper"], default="paper")
+    p.add_argument("--preset", choices=["tiny", "quick", "cpu", "paper"], default="paper")
     p.add_argument("--recipes", nargs="+", choices=sorted(PRESETS), default=sorted(PRESETS))
     p.add_argument("--n", type=int, nargs="+", default=[1, 2, 4], help="the models' n, as mtp-recipe's --n")
     p.add_argument("--seeds", type=int, default=2, help="seeds per model, as mtp-recipe's --seeds")

@@ -101,6 +101,9 @@ def parse_args(argv):
     g.add_argument("--tasks", nargs="+", default=[], metavar="JSONL")
     g.add_argument("--stop", action="append", default=None,
                    help="stop string (repeatable); tasks: none by default, code: Codex's stop sequences")
+    g.add_argument("--prepend-eod", action="store_true",
+                   help="start every prompt with the end-of-document token, as documents start in packed "
+                        "training data (short synthetic tasks trained packed, like the recipes')")
     g = p.add_argument_group("code pass@k (executes model-written code)")
     g.add_argument("--code", metavar="JSONL", help="problems in HumanEval's format")
     g.add_argument("--allow-code-execution", action="store_true",
@@ -208,8 +211,9 @@ def run(args, argv) -> dict:
         for f in args.tasks:
             records = read_tasks(f)[: args.limit]
             res, outs = evaluate_tasks(model, tok, records, args.max_new_tokens, args.batch_size, args.draft_heads,
-                                       args.stop or [], progress)
-            out["tasks"].append({"file": f, "max_new_tokens": args.max_new_tokens, "stop": args.stop or [], **res})
+                                       args.stop or [], progress, args.prepend_eod)
+            out["tasks"].append({"file": f, "max_new_tokens": args.max_new_tokens, "stop": args.stop or [],
+                                 "prepend_eod": args.prepend_eod, **res})
             completions += [{"where": r.where, "prompt": r.prompt, "answer": r.answer, "completion": c,
                              "correct": is_correct(r, c), "groups": r.groups}
                             for r, c in zip(records, outs)]

@@ -88,11 +88,13 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 def complete(generator: MTPGenerator, tokenizer, prompts: list[tuple[str, str]], max_new_tokens: int,
              draft_heads: int | None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             stop: list[str] = ()) -> tuple[list[str], object]:
+             stop: list[str] = (), prepend_eod: bool = False) -> tuple[list[str], object]:
     """Completions (decoded, cut at a stop string) of named prompts [(file:line, text)], and GenerationStats.
-    A prompt that leaves no room in the model's context is refused with its name."""
+    prepend_eod starts every prompt with the end-of-document token, as every document but a sample's first
+    starts in packed training data. A prompt that leaves no room in the model's context is refused with its name."""
     max_len = generator.max_seq_len
-    ids = [fit_prompt(tokenizer.encode(p) or [tokenizer.eod_id], max_len, "error", name) for name, p in prompts]
+    lead = [tokenizer.eod_id] if prepend_eod else []
+    ids = [fit_prompt(lead + tokenizer.encode(p) or [tokenizer.eod_id], max_len, "error", name) for name, p in prompts]
     outs, stats = generator.generate(ids, max_new_tokens, draft_heads, temperature, top_p,
                                      stop_tokens=[tokenizer.eod_id], seed=seed)
     return [cut_at_stop(tokenizer.decode(o), list(stop)) for o in outs], stats
@@ -118,8 +120,8 @@ def score(records: list[TaskRecord], completions: list[str]) -> dict:
 
 
 def evaluate_tasks(model, tokenizer, records: list[TaskRecord], max_new_tokens: int, batch_size: int,
-                   draft_heads: int | None = None, stop: list[str] = (),
-                   progress: bool | None = None) -> tuple[dict, list[str]]:
+                   draft_heads: int | None = None, stop: list[str] = (), progress: bool | None = None,
+                   prepend_eod: bool = False) -> tuple[dict, list[str]]:
     """Greedy completions of every record in batches; accuracy overall and by group, tokens per forward."""
     from tqdm import tqdm
 
@@ -129,7 +131,7 @@ def evaluate_tasks(model, tokenizer, records: list[TaskRecord], max_new_tokens: 
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         outs, stats = complete(gen, tokenizer, [(r.where, r.prompt) for r in chunk], max_new_tokens, draft_heads,
-                               stop=stop)
+                               stop=stop, prepend_eod=prepend_eod)
         completions += outs
         totals = stats if totals is None else totals + stats
         right = sum(is_correct(r, c) for r, c in zip(records, completions))

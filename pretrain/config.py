@@ -49,6 +49,9 @@ class TrainLoopConfig:
     steps: int = 1000  # optimizer steps
     micro_batch_size: int = 8  # per data-parallel rank
     grad_accum_steps: int = 1
+    # Sequences per optimizer step over all data-parallel ranks (Megatron's --global-batch-size): when set,
+    # grad_accum_steps is derived from it at start-up, so one config keeps its batch on any number of GPUs.
+    global_batch_size: int = 0
     loss_impl: str = "sequential"  # "sequential" (memory-flat in n) or "naive" (reference)
     ce_chunk_tokens: int = 0  # tokens per cross-entropy chunk; 0 picks chunk logits ~ hidden-state size
     activation_checkpointing: bool = False  # recompute trunk blocks in backward
@@ -80,6 +83,9 @@ class TrainLoopConfig:
     peak_tflops: float = 0.0  # accelerator peak for MFU; 0 looks the GPU up in a table
 
     def validate(self) -> None:
+        if self.global_batch_size < 0:
+            raise ConfigError(f"train.global_batch_size: must be >= 0 (0: micro_batch_size x grad_accum_steps x "
+                              f"data-parallel size), got {self.global_batch_size}")
         for key in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval", "activation_checkpoint_interval"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")

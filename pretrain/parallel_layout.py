@@ -18,14 +18,29 @@ from .tensor_parallel import TensorParallel
 
 def check_world_size(cfg: TrainConfig, world_size: int | None = None) -> int:
     """Reject a world that the layout cannot tile, before any process group exists; returns the
-    data-parallel size."""
+    data-parallel size. A train.global_batch_size becomes train.grad_accum_steps for that size here, the one
+    place that knows it before the DeepSpeed config, the data loader or a resume decision read the accumulation."""
     world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     model_parallel = cfg.parallel.tensor * cfg.parallel.pipeline
     if world % model_parallel:
         raise ConfigError(f"parallel: {world} processes cannot be split into groups of {model_parallel} "
                           f"(tensor {cfg.parallel.tensor} x pipeline {cfg.parallel.pipeline}); the world size "
                           f"must be a multiple of it")
-    return world // model_parallel
+    dp_world = world // model_parallel
+    t = cfg.train
+    if t.global_batch_size:
+        per_step = t.micro_batch_size * dp_world
+        if t.global_batch_size % per_step:
+            raise ConfigError(f"train.global_batch_size: {t.global_batch_size} sequences cannot be made of "
+                              f"micro-batches of {t.micro_batch_size} on {dp_world} data-parallel rank(s); it must "
+                              f"be a multiple of {per_step} (train.micro_batch_size x data-parallel size)")
+        derived = t.global_batch_size // per_step
+        if t.grad_accum_steps not in (1, derived):
+            raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) and train.grad_accum_steps "
+                              f"({t.grad_accum_steps}) disagree on {dp_world} data-parallel rank(s) (it gives "
+                              f"{derived}); set one of them")
+        t.grad_accum_steps = derived
+    return dp_world
 
 
 @dataclass

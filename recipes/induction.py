@@ -74,7 +74,21 @@ def random_names(rng: random.Random, k: int) -> list[str]:
     return [name_of(lead, rng.choice(CONT_BYTES)) for lead in rng.sample(LEAD_BYTES, k)]
 
 
-def story(rng: random.Random) -> str:
+# The CPU analogue ("dense" stories): the same names and lists, in short sentences that each name one or two
+# characters, so that about one byte in eight belongs to a name instead of one in twenty-five. Induction heads
+# form after a number of copy examples, not of tokens; dense stories give a small model enough of them in a CPU
+# budget (Olsson et al. 2022 on how copying patterns drive their formation).
+DENSE_ONE = ["{A} ran.", "{A} sat.", "{A} hid.", "{A} sang.", "{A} ate {food}.", "{A} was {feeling}.",
+             "{A} got a {obj}.", "{A} went to {place}."]
+DENSE_TWO = ["{A} saw {B}.", "{A} hugged {B}.", "{A} and {B} ran.", "{B} helped {A}.", "{A} gave {B} a {obj}.",
+             "{A} told {B} a joke.", "{B} and {A} ate {food}.", "{A} met {B} at {place}."]
+DENSE_INTRO = "{A} was {animal}."
+STYLES = ("paper", "dense")
+
+
+def story(rng: random.Random, style: str = "paper") -> str:
+    if style == "dense":
+        return dense_story(rng)
     names = random_names(rng, rng.choice((2, 3)))
     fill = lambda t, **kw: t.format(
         feeling=rng.choice(FEELINGS), action=rng.choice(ACTIONS), colour=rng.choice(COLOURS), obj=rng.choice(OBJECTS),
@@ -88,6 +102,23 @@ def story(rng: random.Random) -> str:
             a, b = rng.sample(names, 2)
             out.append(fill(rng.choice(TWO), A=a, B=b))
     out.append(fill(rng.choice(END), A=rng.choice(names)))
+    return " ".join(out)
+
+
+def dense_story(rng: random.Random) -> str:
+    """3 or 4 characters introduced in one short sentence each, then 8 to 16 short sentences naming them (each
+    character at least once more)."""
+    names = random_names(rng, rng.choice((3, 4)))
+    fill = lambda t, **kw: t.format(feeling=rng.choice(FEELINGS), obj=rng.choice(OBJECTS), food=rng.choice(FOODS),
+                                    place=rng.choice(PLACES), animal=rng.choice(ANIMALS), **kw)
+    out = [fill(DENSE_INTRO, A=a) for a in names]
+    first = rng.sample(names, len(names))  # the first sentences name every character once more, so each recurs
+    for i in range(rng.randint(8, 16)):
+        a = first[i] if i < len(first) else rng.choice(names)
+        if rng.random() < 0.4:
+            out.append(fill(rng.choice(DENSE_ONE), A=a))
+        else:
+            out.append(fill(rng.choice(DENSE_TWO), A=a, B=rng.choice([b for b in names if b != a])))
     return " ".join(out)
 
 
@@ -109,15 +140,17 @@ def occurrence_group(k: int) -> str:
     return str(k) if k < 4 else "4+"
 
 
-def make_datasets(seed: int, train_size: int, test_size: int) -> tuple[list[str], list[str]]:
-    """(training stories, test stories); a test story's text never occurs in training."""
+def make_datasets(seed: int, train_size: int, test_size: int, style: str = "paper") -> tuple[list[str], list[str]]:
+    """(training stories, test stories) of one style; a test story's text never occurs in training."""
+    if style not in STYLES:
+        raise ValueError(f"story style must be one of {', '.join(STYLES)}, got {style!r}")
     rng = random.Random(f"induction-test-{seed}")
-    tests = list(dict.fromkeys(story(rng) for _ in range(test_size)))
+    tests = list(dict.fromkeys(story(rng, style) for _ in range(test_size)))
     held_out = set(tests)
     rng = random.Random(f"induction-train-{seed}")
     train = []
     while len(train) < train_size:
-        s = story(rng)
+        s = story(rng, style)
         if s not in held_out:
             train.append(s)
     return train, tests

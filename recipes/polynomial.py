@@ -15,71 +15,82 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 P = 7  # coefficients mod 7
-D = 5  # powers X^0..X^4 kept
+D = 5  # powers X^0..X^4 kept (the paper's ring); the CPU preset's analogue keeps fewer (Ring(d=3))
 OPS = ("neg", "add", "mul", "compose")
 _SYMBOL = {"add": "+", "mul": "*", "compose": "@"}
 
 Poly = tuple
 
 
-def add(a: Poly, b: Poly) -> Poly:
-    return tuple((x + y) % P for x, y in zip(a, b))
+@dataclass(frozen=True)
+class Ring:
+    """F_p[X]/(X^d): polynomials as tuples of d coefficients in 0..p-1, lowest power first."""
+
+    p: int = P
+    d: int = D
+
+    def add(self, a: Poly, b: Poly) -> Poly:
+        return tuple((x + y) % self.p for x, y in zip(a, b))
+
+    def neg(self, a: Poly) -> Poly:
+        return tuple(-x % self.p for x in a)
+
+    def mul(self, a: Poly, b: Poly) -> Poly:
+        c = [0] * self.d
+        for i, x in enumerate(a):
+            if x:
+                for j in range(self.d - i):  # i + j >= d is truncated
+                    c[i + j] += x * b[j]
+        return tuple(v % self.p for v in c)
+
+    def constant(self, c: int) -> Poly:
+        return (c % self.p,) + (0,) * (self.d - 1)
+
+    def compose(self, a: Poly, b: Poly) -> Poly:
+        """a(b(X)) in the ring: Horner's rule, a_{d-1} b^{d-1} + ... + a_0 with every product truncated."""
+        r = self.constant(0)
+        for coef in reversed(a):
+            r = self.add(self.mul(r, b), self.constant(coef))
+        return r
+
+    def random_poly(self, rng: random.Random) -> Poly:
+        return tuple(rng.randrange(self.p) for _ in range(self.d))
+
+    def apply(self, op: str, a: Poly, b: Poly) -> Poly:
+        return {"add": self.add, "mul": self.mul, "compose": self.compose}[op](a, b)
+
+    def __str__(self) -> str:
+        return f"F{self.p}[X]/(X^{self.d})"
 
 
-def neg(a: Poly) -> Poly:
-    return tuple(-x % P for x in a)
+PAPER_RING = Ring()
+add, neg, mul, constant, compose, random_poly = (PAPER_RING.add, PAPER_RING.neg, PAPER_RING.mul,
+                                                 PAPER_RING.constant, PAPER_RING.compose, PAPER_RING.random_poly)
 
 
-def mul(a: Poly, b: Poly) -> Poly:
-    c = [0] * D
-    for i, x in enumerate(a):
-        if x:
-            for j in range(D - i):  # i + j >= D is truncated
-                c[i + j] += x * b[j]
-    return tuple(v % P for v in c)
-
-
-def constant(c: int) -> Poly:
-    return (c % P,) + (0,) * (D - 1)
-
-
-def compose(a: Poly, b: Poly) -> Poly:
-    """a(b(X)) in the ring: Horner's rule, a_4 b^4 + ... + a_0 with every product truncated."""
-    r = constant(0)
-    for coef in reversed(a):
-        r = add(mul(r, b), constant(coef))
-    return r
-
-
-APPLY = {"add": add, "mul": mul, "compose": compose}
-
-
-def random_poly(rng: random.Random) -> Poly:
-    return tuple(rng.randrange(P) for _ in range(D))
-
-
-def random_expr(rng: random.Random, m: int):
+def random_expr(rng: random.Random, m: int, ring: Ring = PAPER_RING):
     """A random expression tree with exactly m operations, operators and operand coefficients uniform; the
     operations of a binary node are split between its sides uniformly. Trees are ('lit', poly),
     ('neg', e) or (op, left, right)."""
     if m == 0:
-        return ("lit", random_poly(rng))
+        return ("lit", ring.random_poly(rng))
     op = rng.choice(OPS)
     if op == "neg":
-        return ("neg", random_expr(rng, m - 1))
+        return ("neg", random_expr(rng, m - 1, ring))
     k = rng.randrange(m)
-    return (op, random_expr(rng, k), random_expr(rng, m - 1 - k))
+    return (op, random_expr(rng, k, ring), random_expr(rng, m - 1 - k, ring))
 
 
-def evaluate(e) -> Poly:
+def evaluate(e, ring: Ring = PAPER_RING) -> Poly:
     if e[0] == "lit":
         return e[1]
     if e[0] == "neg":
-        return neg(evaluate(e[1]))
-    return APPLY[e[0]](evaluate(e[1]), evaluate(e[2]))
+        return ring.neg(evaluate(e[1], ring))
+    return ring.apply(e[0], evaluate(e[1], ring), evaluate(e[2], ring))
 
 
 def fmt_poly(p: Poly) -> str:
@@ -94,16 +105,17 @@ def fmt_expr(e) -> str:
     return f"({fmt_expr(e[1])}{_SYMBOL[e[0]]}{fmt_expr(e[2])})"
 
 
-def problem(rng: random.Random, m: int) -> tuple[str, str]:
-    """(prompt "EXPR=", answer digits) of a random m-operation expression."""
-    e = random_expr(rng, m)
-    return fmt_expr(e) + "=", fmt_poly(evaluate(e))
+def problem(rng: random.Random, m: int, ring: Ring = PAPER_RING) -> tuple[str, str, str]:
+    """(prompt "EXPR=", answer digits, outermost operator) of a random m-operation expression."""
+    e = random_expr(rng, m, ring)
+    return fmt_expr(e) + "=", fmt_poly(evaluate(e, ring)), e[0]
 
 
-def make_datasets(seed: int, train_size: int, test_per_m: int, train_ms=range(1, 6), test_ms=range(1, 11)):
+def make_datasets(seed: int, train_size: int, test_per_m: int, train_ms=range(1, 6), test_ms=range(1, 11),
+                  ring: Ring = PAPER_RING):
     """(training documents, test records). Test sets first, fixed by the seed, distinct within each m;
     training problems (m drawn uniformly from train_ms) whose expression is in a test set are redrawn, so the
-    two are disjoint by expression string."""
+    two are disjoint by expression string. A test record's groups are m and, for m = 1, the operator."""
     rng = random.Random(f"polynomial-test-{seed}")
     tests, seen = [], set()
     for m in test_ms:
@@ -112,28 +124,27 @@ def make_datasets(seed: int, train_size: int, test_per_m: int, train_ms=range(1,
             tries += 1
             if tries > 100 * test_per_m:
                 raise ValueError(f"cannot draw {test_per_m} distinct test expressions with m={m}")
-            prompt, answer = problem(rng, m)
+            prompt, answer, op = problem(rng, m, ring)
             if prompt not in seen:
                 seen.add(prompt)
-                tests.append({"prompt": prompt, "answer": answer, "m": m})
+                tests.append({"prompt": prompt, "answer": answer, "m": m, **({"op": op} if m == 1 else {})})
                 taken += 1
     rng = random.Random(f"polynomial-train-{seed}")
     train_ms = list(train_ms)
     docs = []
     while len(docs) < train_size:
-        prompt, answer = problem(rng, rng.choice(train_ms))
+        prompt, answer, _ = problem(rng, rng.choice(train_ms), ring)
         if prompt not in seen:
             docs.append(prompt + answer)
     return docs, tests
 
 
 def digit_accuracy_by_m(completions: Path) -> dict[str, float]:
-    """Share of the answer's D coefficient digits the greedy completion gets right, by m (mtp-eval
+    """Share of the answer's coefficient digits the greedy completion gets right, by m (mtp-eval
     --completions): partial credit where exact match is still 0. Chance is 1/7."""
-    right: dict[str, list[int]] = {}
+    right: dict[str, list[float]] = {}
     for line in completions.read_text().splitlines():
         r = json.loads(line)
         got = r["completion"].strip()
-        hits = sum(a == b for a, b in zip(got, r["answer"]))
-        right.setdefault(r["groups"]["m"], []).append(hits)
-    return {m: sum(h) / (D * len(h)) for m, h in right.items()}
+        right.setdefault(r["groups"]["m"], []).append(sum(a == b for a, b in zip(got, r["answer"])) / len(r["answer"]))
+    return {m: sum(h) / len(h) for m, h in right.items()}

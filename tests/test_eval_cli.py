@@ -99,9 +99,9 @@ def byte_model(tmp_path_factory):
     return model, folder
 
 
-def plain_greedy(model, prompt: str, budget: int) -> str:
+def plain_greedy(model, prompt: str, budget: int, lead: list[int] = ()) -> str:
     """Greedy decoding with full forwards of head 1 and no cache: the reference for the decoder's output."""
-    ids = list(prompt.encode())
+    ids = [*lead, *prompt.encode()]
     out = []
     with torch.no_grad():
         for _ in range(budget):
@@ -146,6 +146,23 @@ def test_task_accuracy_against_plain_greedy_decoding(byte_model, tmp_path, capsy
     assert eval_main([str(folder), "--tasks", str(tasks), "--max-new-tokens", str(budget), "--stop", stop,
                       "--limit", "2", "--output", str(out), "--no-progress"]) == 0
     assert json.loads(out.read_text())["tasks"][0]["records"] == 2
+
+
+def test_prepend_eod_starts_every_prompt_with_the_end_of_document_token(byte_model, tmp_path):
+    """--prepend-eod: each completion is plain greedy decoding after [end of document] + prompt (as documents
+    start in packed training data), and differs from the unprefixed one for some prompt of this model."""
+    model, folder = byte_model
+    prompts = ["abc", "hello wor", "1 + 1 =", "xyz", "def f(", "the cat"]
+    after_eod = [plain_greedy(model, p, 8, lead=[0]) for p in prompts]
+    assert after_eod != [plain_greedy(model, p, 8) for p in prompts]  # the test can tell the two apart
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": p, "answer": c}) + "\n" for p, c in zip(prompts, after_eod)))
+    out, written = tmp_path / "eval.json", tmp_path / "completions.jsonl"
+    assert eval_main([str(folder), "--tasks", str(tasks), "--max-new-tokens", "8", "--prepend-eod", "--output",
+                      str(out), "--completions", str(written), "--no-progress"]) == 0
+    assert [json.loads(line)["completion"] for line in written.read_text().splitlines()] == after_eod
+    res = json.loads(out.read_text())["tasks"][0]
+    assert res["accuracy"] == 1.0 and res["prepend_eod"] is True
 
 
 @pytest.mark.parametrize("line, error", [

@@ -1,5 +1,7 @@
 """mtp-recipe end to end at the tiny preset: generation, mtp-preprocess, mtp-train (n = 1, 2), mtp-eval, table
-and plot; a re-run retrains and re-evaluates nothing. Which n wins is not asserted (a handful of steps)."""
+and plot; a re-run retrains and re-evaluates nothing. Which n wins is not asserted (a handful of steps). The bytes
+recipe's self-speculative decoding reproduces plain greedy decoding; a recipe's models train under a launcher
+with a parallel layout; a stopped recipe checkpoints every model in training."""
 
 import json
 import os
@@ -47,8 +49,46 @@ def test_recipe_tiny_end_to_end(tmp_path, name, groups):
     assert again.stdout.count("trained already") == 2
     assert {p: p.stat().st_mtime_ns for p in out.glob("models/*/*eval*.json")} == evals
 
-    other = recipe(name, "--preset", "quick", "--out", str(out))
+    other = recipe(name, "--preset", "cpu", "--out", str(out))
     assert other.returncode == 1 and "holds another run" in other.stderr and "preset" in other.stderr
+
+
+def test_bytes_recipe_decodes_held_out_code_as_plain_greedy_decoding(tmp_path):
+    """n = 1 and a parameter-matched n = 8 model on the standard library's code; the n = 8 model decodes the
+    held-out prompts with k = 0..7 drafts, each output equal to plain greedy decoding's (float32, eager)."""
+    out = tmp_path / "bytes"
+    proc = recipe("bytes", "--preset", "tiny", "--out", str(out), "--seeds", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "8 trunk blocks + 1 head blocks" in proc.stdout and "1 trunk blocks + 8 head blocks" in proc.stdout
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["n"], len(r["val_head_losses"])) for r in rows] == [(1, 1), (8, 8)]
+    assert rows[0]["parameters"] == rows[1]["parameters"] and "decoding" not in rows[0]
+    d = rows[1]["decoding"]
+    assert [e["k"] for e in d["eager"]] == list(range(8)) and "compiled" not in d  # the tiny preset: eager only
+    assert all(e["differ"] == 0 and 1 <= e["tokens_per_forward"] <= e["k"] + 1 for e in d["eager"])
+    assert [len(e["acceptance"]) for e in d["eager"]] == list(range(8))
+    held = [json.loads(line)["file"] for line in (out / "data" / "test.jsonl").read_text().splitlines()]
+    assert len(held) == 2 and not set(held) & {json.loads(line).get("file") for line in
+                                             (out / "data" / "train.jsonl").read_text().splitlines()}
+    assert "tokens/forward" in (out / "results.md").read_text()
+    assert recipe("bytes", "--preset", "paper", "--out", str(tmp_path / "p")).returncode == 2  # none: refused
+
+
+def test_recipe_models_train_under_a_launcher_with_a_parallel_layout(tmp_path):
+    """--launcher starts each model's ranks (torchrun, two CPU processes here); the mtp-train options after --
+    give them a layout (tensor parallelism over the two)."""
+    out = tmp_path / "poly"
+    proc = recipe("polynomial", "--preset", "tiny", "--out", str(out), "--seeds", "1", "--n", "2",
+                  "--launcher", f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2",
+                  "--", "--parallel.tensor", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / "models" / "tiny_n2_seed1" / "train.out").read_text()
+    assert "world 2 on CPU" in log and "tensor-parallel 2" in log
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows[0]["tokens_seen"] == 4 * 4 * 64 and len(rows[0]["val_head_losses"]) == 2
+    bad = recipe("polynomial", "--preset", "tiny", "--out", str(tmp_path / "bad"), "--seeds", "1", "--n", "1",
+                 "--launcher", "no-such-launcher --nproc_per_node 2")
+    assert bad.returncode == 1 and "cannot start 'no-such-launcher'" in bad.stderr
 
 
 @pytest.mark.parametrize("sig, whole_group, code", [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)],
@@ -56,10 +96,11 @@ def test_recipe_tiny_end_to_end(tmp_path, name, groups):
 def test_a_stopped_recipe_checkpoints_every_model_in_training(tmp_path, sig, whole_group, code):
     """Ctrl-C reaches the whole process group; `kill PID` (SIGTERM) mtp-recipe alone, which passes it on to the
     --jobs trainers. Either way each model in training saves a checkpoint, nothing is left running, and the
-    recipe says how to go on. (The quick preset: its models train long enough to be stopped mid-run.)"""
+    recipe says how to go on. (The tiny preset with more steps than it reaches before the signal.)"""
     out = tmp_path / "induction"
-    proc = subprocess.Popen([sys.executable, "-m", "mtplm.recipes.run", "induction", "--preset", "quick", "--out",
-                             str(out), "--seeds", "1", "2", "--n", "1", "--jobs", "2"], cwd=REPO, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "mtplm.recipes.run", "induction", "--preset", "tiny", "--out",
+                             str(out), "--seeds", "1", "2", "--n", "1", "--jobs", "2", "--set", "steps=100000"],
+                            cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:

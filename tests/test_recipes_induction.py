@@ -3,6 +3,7 @@
 import json
 import random
 
+import pytest
 import torch
 
 from conftest import tiny_model_config
@@ -28,6 +29,26 @@ def test_names_are_two_tokens_that_occur_nowhere_else():
         for n in names:
             rest = rest.replace(n, "")
         assert rest.isascii() and sum(b >= 0x80 for b in data) == 2 * sum(text.count(n) for n in names)
+
+
+def test_dense_stories_name_characters_more_often():
+    """The CPU analogue: the same two-token names, 3 or 4 characters, short sentences; names are a larger share of
+    the bytes than in the paper-style stories, and the held-out split holds for them too."""
+    rng = random.Random(1)
+    share = {}
+    for style in I.STYLES:
+        texts = [I.story(rng, style) for _ in range(200)]
+        share[style] = sum(sum(b >= 0x80 for b in t.encode()) / len(t.encode()) for t in texts) / len(texts)
+    assert share["dense"] > 1.5 * share["paper"]
+    for _ in range(200):
+        text = I.story(rng, "dense")
+        names = {c for c in text if ord(c) > 127}
+        assert 3 <= len(names) <= 4 and len({n.encode()[0] for n in names}) == len(names)
+        assert all(text.count(n) >= 2 for n in names) and "".join(c for c in text if c not in names).isascii()
+    train, test = I.make_datasets(1, 300, 30, "dense")
+    assert not set(train) & set(test) and I.make_datasets(1, 5, 30, "dense")[1] == test
+    with pytest.raises(ValueError, match="story style must be one of paper, dense"):
+        I.make_datasets(1, 5, 5, "sparse")
 
 
 def test_name_positions_by_hand():

@@ -43,6 +43,31 @@ def test_operations_match_untruncated_reference(seed):
         assert P.compose(a, b) == reference_compose(a, b)
 
 
+@pytest.mark.parametrize("d", [2, 3])
+def test_a_smaller_ring_matches_the_untruncated_reference(d):
+    """The CPU analogue F7[X]/(X^d): the same operations with d coefficients, against numpy's full arithmetic."""
+    ring, rng = P.Ring(d=d), random.Random(d)
+    cut = lambda full: tuple(int(c) % 7 for c in (list(full) + [0] * d)[:d])  # noqa: E731
+    for _ in range(200):
+        a, b = ring.random_poly(rng), ring.random_poly(rng)
+        assert len(a) == d and ring.mul(a, b) == cut(np.convolve(np.array(a, dtype=object), np.array(b, dtype=object)))
+        assert ring.add(a, b) == cut(np.array(a) + np.array(b)) and ring.neg(a) == cut(-np.array(a))
+        full = np.zeros(d * d, dtype=object)  # a(b) untruncated has degree (d-1)^2
+        for i, c in enumerate(a):
+            term = _power(b, i) * c
+            full[: len(term)] += term
+        assert ring.compose(a, b) == cut(full)
+    prompt, answer, op = P.problem(rng, 1, ring)
+    assert len(answer) == d and op in P.OPS and str(ring) == f"F7[X]/(X^{d})"
+
+
+def _power(b, i):
+    out = np.array([1], dtype=object)
+    for _ in range(i):
+        out = np.convolve(out, np.array(b, dtype=object))
+    return out
+
+
 def test_truncation_rule():
     x = lambda k: tuple(int(i == k) for i in range(P.D))
     assert P.mul(x(4), x(1)) == (0,) * 5 and P.mul(x(2), x(3)) == (0,) * 5
@@ -100,6 +125,9 @@ def test_datasets_are_disjoint_and_test_sets_fixed(monkeypatch):
     assert len(test_prompts) == len(tests) == 90
     assert not {d[: d.index("=") + 1] for d in docs} & test_prompts
     assert [t["m"] for t in tests] == [1] * 30 + [2] * 30 + [3] * 30
+    # m = 1 records name their operator (mtp-eval groups by it), so accuracy by operator is reported
+    assert all(t["op"] == {"-": "neg", "+": "add", "*": "mul", "@": "compose"}[
+        next(c for c in t["prompt"] if c in "-+*@")] for t in tests[:30]) and "op" not in tests[30]
     assert P.make_datasets(0, 10, 30, test_ms=range(1, 4))[1] == tests
     for d in docs[:200]:
         prompt, answer = d.split("=")
