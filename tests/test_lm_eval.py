@@ -132,19 +132,24 @@ def test_speculative_generations_equal_plain_and_hf_greedy(setup):
     assert plain["config"]["mtplm"]["decoding"]["mtp_gen"]["tokens_per_forward"] == 1.0
 
 
-def test_generation_stops_at_max_gen_toks_and_at_the_stop_token(setup):
-    lm = MTPLM(model=str(setup / "model"), batch_size=2)
-    gen = MTPGenerator(lm.model)
+def test_generation_stops_at_the_token_that_completes_a_stop_string(setup):
+    """Each sequence ends on the token whose text completes a stop string (or at max_gen_toks), not at the end of
+    its budget: the tokens generated are counted against plain decoding's stream cut there by hand."""
     from lm_eval.api.instance import Instance
 
-    prompts = ["def generate(self", "        return", "x"]
-    reqs = [Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 7, "do_sample": False}), i,
+    lm = MTPLM(model=str(setup / "model"), batch_size=2)
+    prompts = ["def generate(self", "        return", "x", "class Progress"]
+    until, budget = [" ", "e"], 20
+    reqs = [Instance("generate_until", {}, (p, {"until": until, "max_gen_toks": budget, "do_sample": False}), i,
                      metadata=("t", i, 1)) for i, p in enumerate(prompts)]
     outs = lm.generate_until(reqs, disable_tqdm=True)
+    gen, used = MTPGenerator(lm.model), 0
     for p, o in zip(prompts, outs):
-        want, _ = gen.generate([lm.tok.encode(p)], 7, 0, stop_tokens=[lm.tok.eod_id])
-        assert o == lm.tok.decode(want[0]).split("\n\n")[0]
-        assert len(lm.tok.encode(o)) <= 7 + 1
+        (full,), _ = gen.generate([lm.tok.encode(p)], budget, 0, stop_tokens=[lm.tok.eod_id])
+        ends = [n for n in range(1, len(full) + 1) if any(s in lm.tok.decode(full[:n]) for s in until)]
+        used += ends[0] if ends else len(full)
+        assert o == lm.tok.decode(full).split(" ")[0].split("e")[0]
+    assert lm.decoding["t"]["tokens"] == used < budget * len(prompts)
 
 
 def test_sampling_is_the_generators_speculative_sampler(setup):
