@@ -5,7 +5,8 @@
     mtp-lm-eval ls tasks
 
 Every option is lm-eval's (`mtp-lm-eval run --help`); `--model` defaults to mtplm. See
-inference/lm_eval_model.py for the model arguments. A bad model_args is refused in one line (exit status 2).
+inference/lm_eval_model.py for the model arguments. A bad model_args, or anything lm-eval refuses with a
+ValueError (a task not found), is one line (exit status 2).
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         cli.execute(args)
     except MTPLMError as e:
         print(f"mtp-lm-eval: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # lm-eval's own refusals (a task not found, a bad option): one line unless debugging
+        if getattr(args, "verbosity", None) == "DEBUG":
+            raise
+        print(f"mtp-lm-eval: {e} (--verbosity DEBUG shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mtp-lm-eval: interrupted", file=sys.stderr)

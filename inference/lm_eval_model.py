@@ -38,7 +38,7 @@ from tqdm import tqdm
 from .evaluate import load_for_eval, model_tokenizer
 from .speculative import MTPGenerator
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lm_eval.models.mtplm")  # shown and formatted as lm-eval's own log lines
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
