@@ -195,3 +195,16 @@ def test_bad_model_args_get_one_line_from_the_command(setup, model_args, message
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"mtp-lm-eval: {message}"), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_an_hf_export_with_heads_loads_as_the_consolidated_model(setup):
+    from lm_eval.api.instance import Instance
+
+    reqs = [Instance("loglikelihood", {}, ("def generate(self", ", prompts"), 0, metadata=("l", 0, 1)),
+            Instance("generate_until", {}, ("class Progress", {"max_gen_toks": 10}), 1, metadata=("g", 1, 1))]
+    consolidated, export = MTPLM(model=str(setup / "model")), MTPLM(model=str(setup / "hf"))
+    assert export.kind == "hf_export" and export.draft_heads == 3
+    assert export.loglikelihood(reqs[:1], disable_tqdm=True) == pytest.approx(
+        consolidated.loglikelihood(reqs[:1], disable_tqdm=True), rel=1e-6)
+    assert export.generate_until(reqs[1:], disable_tqdm=True) == consolidated.generate_until(reqs[1:], disable_tqdm=True)
+    assert export.decoding["g"]["tokens_per_forward"] == consolidated.decoding["g"]["tokens_per_forward"]
