@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from collections import defaultdict
 from pathlib import Path
 
