@@ -10,7 +10,9 @@ in its own Python process: started with -I (no user site, no PYTHON* variables, 
 a minimal environment (PATH, LANG, HOME and TMPDIR pointing into the sandbox: no inherited tokens or keys),
 a fresh temporary working folder that is removed afterwards, its own session (so a timeout kills every
 process it started), a wall-clock timeout, and resource limits the child sets before it runs the program:
-address space (RLIMIT_AS), file size (RLIMIT_FSIZE) and no core dumps. It passes when it exits with status 0.
+address space (RLIMIT_AS), file size (RLIMIT_FSIZE) and no core dumps. It passes when the whole program ran to
+its end (so check() returned) and the process exited with status 0: a completion that calls exit() or
+os._exit(0) ends the program before its tests, and fails, as in OpenAI's human-eval.
 
 This is not a security boundary. The code runs as the calling user and can read what that user can read and
 use the network; that is why mtp-eval runs it only with --allow-code-execution (as OpenAI's human-eval
@@ -71,12 +73,18 @@ def program(problem: Problem, completion: str) -> str:
 # Limits are set by the child itself before it runs the program (not with Popen's preexec_fn, which is unsafe
 # when the parent has threads: the runs here are started from a thread pool). Hard limits equal the soft ones,
 # so the program cannot raise them again.
-_BOOTSTRAP = """import resource, runpy, sys
+_BOOTSTRAP = """import os, resource, runpy, sys
 for res, value in ((resource.RLIMIT_AS, int(sys.argv[1])), (resource.RLIMIT_FSIZE, int(sys.argv[2])),
                    (resource.RLIMIT_CORE, 0)):
     resource.setrlimit(res, (value, value))
-sys.argv = sys.argv[3:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+finished = int(sys.argv[3])
+sys.argv = sys.argv[4:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    sys.stderr.write(f"the program exited (SystemExit {e.code!r}) before its tests had run to the end\\n")
+    sys.exit(1)
+os.write(finished, b"1")
 """
 
 
@@ -88,20 +96,37 @@ def run_program(source: str, timeout: float = 10.0, memory_mb: int = 1024, file_
         with open(path, "w", encoding="utf-8") as f:
             f.write(source)
         env = {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work, "PYTHONDONTWRITEBYTECODE": "1"}
-        proc = subprocess.Popen([sys.executable, "-I", "-c", _BOOTSTRAP, str(memory_mb << 20), str(file_mb << 20),
-                                 path], cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        # The bootstrap writes to this pipe once the program has run to its end: exit status 0 alone would also
+        # pass a program that calls os._exit(0) before its tests.
+        finished_r, finished_w = os.pipe()
         try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.communicate()
-            return ExecResult(False, "timed out")
+            proc = subprocess.Popen([sys.executable, "-I", "-c", _BOOTSTRAP, str(memory_mb << 20),
+                                     str(file_mb << 20), str(finished_w), path], cwd=work, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    start_new_session=True, pass_fds=(finished_w,))
         finally:
-            _kill_group(proc)  # anything the program left running in its session
+            os.close(finished_w)
+        try:
+            try:
+                _, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                proc.communicate()
+                return ExecResult(False, "timed out")
+            finally:
+                _kill_group(proc)  # anything the program left running in its session
+            os.set_blocking(finished_r, False)  # a process the program left could hold the pipe open
+            try:
+                finished = os.read(finished_r, 1) == b"1"
+            except BlockingIOError:
+                finished = False
+        finally:
+            os.close(finished_r)
         detail = err.decode("utf-8", "replace")[-500:]
-        if proc.returncode == 0:
+        if proc.returncode == 0 and finished:
             return ExecResult(True, "passed")
+        if proc.returncode == 0:
+            return ExecResult(False, "exited before its tests had run to the end", detail)
         if proc.returncode < 0:
             return ExecResult(False, f"killed by signal {-proc.returncode}", detail)
         return ExecResult(False, f"failed (exit {proc.returncode})", detail)
@@ -156,7 +181,19 @@ def evaluate_code(model, tokenizer, problems: list[Problem], n_samples: int, ks:
         totals = stats if totals is None else totals + stats
         bar.update(len(chunk))
     bar.close()
-    bar = tqdm(total=len(jobs), desc="executing", unit="run", disable=None if progress is None else not progress)
+    scores = score_completions(problems, completions, ks, timeout, memory_mb, workers, progress)
+    return {"problems": len(problems), "samples_per_problem": n_samples, "temperature": temperature, "top_p": top_p,
+            "pass_at_k": scores["pass_at_k"], "tokens_per_forward": totals.tokens_per_forward,
+            "acceptance": totals.acceptance, "per_problem": scores["per_problem"]}
+
+
+def score_completions(problems: list[Problem], completions: list[list[str]], ks: list[int], timeout: float,
+                      memory_mb: int, workers: int, progress: bool | None = None) -> dict:
+    """Every completion of every problem run against its test; pass@k for every k, and each problem's counts."""
+    from tqdm import tqdm
+
+    total = sum(len(cs) for cs in completions)
+    bar = tqdm(total=total, desc="executing", unit="run", disable=None if progress is None else not progress)
     tally = [0, 0]  # passed, run (a disabled bar counts nothing)
 
     def tick(r: ExecResult) -> None:
@@ -168,11 +205,7 @@ def evaluate_code(model, tokenizer, problems: list[Problem], n_samples: int, ks:
     results = run_completions(problems, completions, timeout, memory_mb, workers, tick)
     bar.close()
     counts = [(len(rs), sum(r.passed for r in rs)) for rs in results]
-    return {
-        "problems": len(problems), "samples_per_problem": n_samples, "temperature": temperature, "top_p": top_p,
-        "pass_at_k": {str(k): v for k, v in mean_pass_at_k(counts, ks).items()},
-        "tokens_per_forward": totals.tokens_per_forward, "acceptance": totals.acceptance,
-        "per_problem": [{"task_id": p.task_id, "samples": n, "passed": c,
-                         "outcomes": sorted({r.outcome for r in rs})}
-                        for p, (n, c), rs in zip(problems, counts, results)],
-    }
+    return {"pass_at_k": {str(k): v for k, v in mean_pass_at_k(counts, ks).items()},
+            "per_problem": [{"task_id": p.task_id, "samples": n, "passed": c,
+                             "outcomes": sorted({r.outcome for r in rs})}
+                            for p, (n, c), rs in zip(problems, counts, results)]}

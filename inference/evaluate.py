@@ -50,14 +50,16 @@ def load_for_eval(path: Path):
     return model, kind, train_cfg
 
 
-def _tokenizer(args, path: Path, model, train_cfg: dict):
+def model_tokenizer(path: Path, model, train_cfg: dict, override: str | None = None, flag: str = "--tokenizer"):
+    """The tokenizer given (override), else the model's tokenizer.model, the run's data.tokenizer, or bytes for a
+    256-token vocabulary; ValueError naming `flag` when there is none."""
     from mtplm.data.tokenizer import load_tokenizer
 
-    spec = (args.tokenizer or (path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None)
+    spec = (override or (path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None)
             or train_cfg.get("data", {}).get("tokenizer") or ("bytes" if model.cfg.vocab_size == 256 else None))
     if spec is None:
         raise ValueError(f"{path}: no tokenizer.model beside the model and none in its training config; "
-                         f"pass --tokenizer")
+                         f"pass {flag}")
     return load_tokenizer(spec)
 
 
@@ -191,7 +193,7 @@ def run(args, argv) -> dict:
                      "dtype": args.dtype}}
     if train_cfg:
         out["model"]["trained_steps"] = train_cfg.get("train", {}).get("steps")
-    tok = _tokenizer(args, path, model, train_cfg) if (args.tasks or args.code) else None
+    tok = model_tokenizer(path, model, train_cfg, args.tokenizer) if (args.tasks or args.code) else None
     if args.data:
         from mtplm.data.tokenizer import load_tokenizer
 

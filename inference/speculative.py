@@ -110,8 +110,10 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_p: float) -> to
 class Progress:
     """The host's side of a generate() call: each sequence's tokens, why it ended, and the statistics."""
 
-    def __init__(self, prompts: list[list[int]], max_new_tokens: int, max_seq_len: int, k: int, stop_tokens=()):
+    def __init__(self, prompts: list[list[int]], max_new_tokens: int, max_seq_len: int, k: int, stop_tokens=(),
+                 stop_when: Callable[[list[int]], bool] | None = None):
         B = len(prompts)
+        self.stop_when = stop_when
         self.out: list[list[int]] = [[] for _ in range(B)]
         self.done, self.reasons = [False] * B, [""] * B
         self.room = [max_seq_len - len(p) for p in prompts]  # tokens each sequence may generate within the context
@@ -131,7 +133,9 @@ class Progress:
             return
         self.out[b].append(tok)
         self.stats.tokens += 1
-        if len(self.out[b]) >= self.max_new_tokens:
+        if self.stop_when is not None and self.stop_when(self.out[b]):
+            self.done[b], self.reasons[b] = True, "stop"
+        elif len(self.out[b]) >= self.max_new_tokens:
             self.done[b], self.reasons[b] = True, "length"
         elif len(self.out[b]) >= self.room[b]:
             self.done[b], self.reasons[b] = True, "context"
@@ -178,12 +182,16 @@ class MTPGenerator:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, draft_heads: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, stop_tokens=(), seed: int | None = None,
-                 prompt_overflow: str = "error", compile: bool = False):
+                 prompt_overflow: str = "error", compile: bool = False,
+                 stop_when: Callable[[list[int]], bool] | None = None):
         """Returns (generated token lists without the prompts or stop tokens, GenerationStats). A prompt longer
         than max_seq_len - 1 tokens raises ContextOverflowError, or with prompt_overflow="truncate-left" is cut
         to its last max_seq_len - 1 tokens with a warning; no sequence grows past max_seq_len tokens.
         compile: run the decoding steps as one compiled, static-shape function (inference/static_decode.py);
-        the same greedy output, and the statistics may count drafts past the context that plain mode skips."""
+        the same greedy output, and the statistics may count drafts past the context that plain mode skips.
+        stop_when: called with a sequence's generated tokens after each token it gains (stop strings, which
+        tokens cannot express); True ends the sequence there, keeping that token, so plain and speculative
+        decoding end on the same token."""
         k = self.n_heads - 1 if draft_heads is None else draft_heads
         if not 0 <= k <= self.n_heads - 1:
             raise ValueError(f"draft_heads must be between 0 and {self.n_heads - 1} (the model's extra heads), got {k}")
@@ -193,7 +201,7 @@ class MTPGenerator:
         device = next(self.model.parameters()).device
         gen = torch.Generator(device=device)
         gen.manual_seed(0 if seed is None else seed)
-        progress = Progress(prompts, max_new_tokens, self.max_seq_len, k, stop_tokens)
+        progress = Progress(prompts, max_new_tokens, self.max_seq_len, k, stop_tokens, stop_when)
         t0 = time.perf_counter()
         if compile:
             if self._static is None:

