@@ -13,7 +13,7 @@ of a multiple-choice question that differ only in their last token. Generation (
 project's self-speculative decoding with `draft_heads` drafts (0: plain decoding), batched, stopping at
 lm-eval's stop strings and `max_gen_toks`; greedy by default (lossless: the output equals plain greedy
 decoding), else the generator's speculative sampler (`do_sample`, `temperature`, `top_p`). The decoding
-figures of each task (tokens per forward, acceptance per draft position, wall time; with measure_plain=true
+figures of each task (tokens per forward, acceptance per draft position, wall time; unless measure_plain=false
 also the wall time of plain decoding of the same requests) go into lm-eval's results, under config.mtplm.
 """
 
@@ -66,7 +66,7 @@ class MTPLM(TemplateLM):
     max_gen_toks = 256
 
     def __init__(self, model=None, draft_heads=None, dtype="fp32", tokenizer=None, prefix_token_id=None,
-                 measure_plain=False, compile=False, seed=0, batch_size=1, device=None, max_batch_size=None,
+                 measure_plain=None, compile=False, seed=0, batch_size=1, device=None, max_batch_size=None,
                  **unknown):
         super().__init__()
         if unknown:
@@ -79,7 +79,7 @@ class MTPLM(TemplateLM):
             raise MTPLMError(f"batch_size {batch_size}: mtplm takes a number of requests per batch")
         if dtype not in _DTYPES:
             raise MTPLMError(f"model_args dtype={dtype}: expected one of {', '.join(_DTYPES)}")
-        if not isinstance(measure_plain, bool) or not isinstance(compile, bool):
+        if measure_plain not in (None, True, False) or not isinstance(compile, bool):
             raise MTPLMError("model_args measure_plain and compile: expected true or false")
         self.batch_size = _int_arg("batch_size", batch_size, 1)
         self.seed = _int_arg("seed", seed, 0)
@@ -98,7 +98,10 @@ class MTPLM(TemplateLM):
             raise MTPLMError(f"model_args draft_heads={draft_heads}: the model has {extra} extra heads")
         self.custom_prefix = None if prefix_token_id is None else _int_arg("prefix_token_id", prefix_token_id, 0)
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype, self.measure_plain, self.compile = dtype, measure_plain, compile
+        # The wall time without drafts is measured beside the one with them unless told not to (it decodes every
+        # generate_until request twice); plain decoding alone has nothing to compare with.
+        self.measure_plain = self.draft_heads > 0 if measure_plain is None else measure_plain
+        self.dtype, self.compile = dtype, compile
         self.model = net.to(device=self._device, dtype=_DTYPES[dtype]).eval()
         self.generator = MTPGenerator(self.model)
         self.decoding: dict[str, dict] = {}  # per task: the figures of its generate_until requests (JSON)
