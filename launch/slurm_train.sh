@@ -62,7 +62,7 @@ case "$LAUNCH_MODE" in
         --wait=60 "$LAUNCH/rank_task.sh" "$MASTER_ADDR" "$MASTER_PORT" "$TRAIN_SCRIPT" "${ARGS[@]}" &
     ;;
   launcher)
-    srun --ntasks-per-node=1 --nodes="$NUM_NODES" "$LAUNCH/node_launch.sh" "$HOSTFILE" "$GPUS_PER_NODE" \
+    srun --nodes="$NUM_NODES" --ntasks="$NUM_NODES" --ntasks-per-node=1 "$LAUNCH/node_launch.sh" "$HOSTFILE" "$GPUS_PER_NODE" \
         "$MASTER_ADDR" "$MASTER_PORT" "$TRAIN_SCRIPT" "${ARGS[@]}" &
     ;;
   ssh)
@@ -90,7 +90,7 @@ forward() {  # SIGNAL: to every rank on every node, and to nothing else
     # srun passes the signal on to every task; its own answer to SIGINT is a status report, hence TERM.
     kill -s "$([ "$1" = INT ] && echo TERM || echo "$1")" "$STEP" 2>/dev/null
   else
-    srun --overlap --ntasks-per-node=1 --nodes="$NUM_NODES" "$LAUNCH/forward_signals.sh" "$1" "$MTP_LAUNCH_ID"
+    srun --overlap --nodes="$NUM_NODES" --ntasks="$NUM_NODES" --ntasks-per-node=1 "$LAUNCH/forward_signals.sh" "$1" "$MTP_LAUNCH_ID"
   fi
 }
 trap 'REQUEUE=1; forward USR1' USR1

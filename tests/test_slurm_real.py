@@ -6,7 +6,8 @@ The jobs of every case are submitted at once and run side by side; each test the
    `scancel --batch --signal=USR1`, as slurmctld does at the warning time) -> stop checkpoint, exit 143, the job
    requeues itself and its next run resumes; the losses of the two runs equal an uninterrupted job's.
 2. scancel while the stop checkpoint takes 35 s to write (longer than the deepspeed launcher's 30 s before SIGKILL)
-   -> the checkpoint completes within KillWait, the batch script exits 143, a new job resumes from it.
+   -> the checkpoint completes within KillWait, the batch script exits 143, a new job resumes from it; the same with
+   LAUNCH_MODE=launcher loses the checkpoint, and the job log says so in one line.
 3. `scontrol requeue` of a running job -> stop checkpoint, Slurm requeues it, the next run resumes.
 4. slurm_preprocess.sh as a 2-task array job, USR1 to one task mid-run -> it requeues and the folder ends
    byte-identical to one uninterrupted mtp-preprocess run.
@@ -29,6 +30,8 @@ from test_preemption import dataset_config, stopped_at
 from test_slurm_preprocess import contents
 
 from mtplm.data.preprocess import PreprocessConfig, run_preprocess
+from mtplm.data.preprocess_plan import plan_units
+from mtplm.data.readers import discover
 
 pytestmark = pytest.mark.slow
 STEPS = 40
@@ -45,9 +48,9 @@ class Jobs:
         self.cfg = dataset_config(tmp, steps=STEPS)
         self.ids: dict[str, str] = {}
 
-    def train(self, name: str, *extra: str, worker_args: tuple = ()) -> str:
+    def train(self, name: str, *extra: str, worker_args: tuple = (), mode: str = "tasks") -> str:
         out = self.tmp / name
-        env = self.slurm.env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", GPUS_PER_NODE="2",
+        env = self.slurm.env(LAUNCH_MODE=mode, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", GPUS_PER_NODE="2",
                              MASTER_PORT=str(free_port()), HOSTFILE=str(self.tmp / f"hostfile.{name}"),
                              TRAIN_SCRIPT=WORKER, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         job = self.slurm.sbatch("--oversubscribe", "--ntasks-per-node=2", f"--output={self.tmp}/{name}.log",
@@ -68,11 +71,14 @@ class Jobs:
 
     def wait_done(self, job: str, restarts: int, timeout: float = 600) -> dict:
         """Until the job's run number `restarts` + 1 has finished."""
-        deadline = time.monotonic() + timeout
+        deadline, ended = time.monotonic() + timeout, None
         while True:
             info = self.slurm.job(job)
-            if info.get("JobState") in FINISHED and int(info.get("Restarts", 0)) >= restarts:
-                return info
+            if info.get("JobState") in FINISHED:
+                if int(info.get("Restarts", 0)) >= restarts:
+                    return info
+                ended = ended or time.monotonic()  # a requeue shows within a moment, or never will
+                assert time.monotonic() < ended + 10, f"job {job} ended without being requeued: {info}"
             assert time.monotonic() < deadline, f"job {job} not finished: {info}"
             time.sleep(1)
 
@@ -91,12 +97,7 @@ def jobs(tmp_path_factory):
         j.train("warned")
         j.train("cancelled", worker_args=("--slow_save_s", str(SLOW_SAVE_S)))
         j.train("requeued")
-        make_inputs(tmp / "in")
-        pre = slurm.env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
-        j.ids["preprocess"] = slurm.sbatch(
-            "--array=0-1", "--oversubscribe", f"--output={tmp}/preprocess_%a.log", "launch/slurm_preprocess.sh",
-            str(tmp / "prep"), str(tmp / "in"), "--tokenizer", "bytes", "--workers", "1", "--shard-bytes", "1",
-            cwd=REPO, env=pre)
+        j.train("launcher_cancelled", worker_args=("--slow_save_s", str(SLOW_SAVE_S)), mode="launcher")
         # The signals, each once its job is under way.
         j.wait_for_step("warned", 2)
         slurm.scancel("--batch", "--signal=USR1", j.ids["warned"])  # what --signal=B:USR1@N does at the warning
@@ -104,12 +105,21 @@ def jobs(tmp_path_factory):
         slurm.scancel(j.ids["cancelled"])
         j.wait_for_step("requeued", 2)
         slurm.scontrol("requeue", j.ids["requeued"])
+        j.wait_for_step("launcher_cancelled", 2)
+        slurm.scancel(j.ids["launcher_cancelled"])
+        # Submitted last, so that its warning is sent within the second its task 1 is under way.
+        make_inputs(tmp / "in", n_files=800)  # a few seconds per partition
+        pre = slurm.env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
+        j.ids["preprocess"] = slurm.sbatch(
+            "--array=0-1", "--oversubscribe", f"--output={tmp}/preprocess_%a.log", "launch/slurm_preprocess.sh",
+            str(tmp / "prep"), str(tmp / "in"), "--tokenizer", "bytes", "--workers", "1", "--shard-bytes", "1",
+            cwd=REPO, env=pre)
         task = f"{j.ids['preprocess']}_1"
+        second = [u.shard for u in plan_units(discover([str(tmp / "in")], [], []), "auto", 1)[1::2]]
         deadline = time.monotonic() + 300
-        while not list((tmp / "prep").glob("shard_*.json")):
-            assert time.monotonic() < deadline and slurm.job(task).get("JobState") not in FINISHED, \
-                (tmp / "preprocess_1.log").read_text()
-            time.sleep(0.05)
+        while not any((tmp / "prep" / f"{name}.json").exists() for name in second):  # task 1 is under way
+            assert time.monotonic() < deadline, (tmp / "preprocess_1.log").read_text()
+            time.sleep(0.01)
         slurm.scancel("--batch", "--signal=USR1", task)
         yield j
     finally:
@@ -151,6 +161,19 @@ def test_scancel_gives_a_slow_stop_checkpoint_all_of_killwait_and_a_new_job_resu
     assert losses(out) == pytest.approx(losses(jobs.tmp / "uninterrupted"), rel=1e-6, abs=1e-6)
 
 
+def test_deepspeed_launcher_mode_cuts_a_slow_stop_checkpoint_at_30_s_and_says_so_in_one_line(jobs):
+    """What the default mode avoids: LAUNCH_MODE=launcher under scancel. deepspeed's launch.py gets Slurm's SIGTERM
+    too and SIGKILLs its ranks 30 s later, mid-save; the job must not claim a clean stop."""
+    assert jobs.wait_done(jobs.ids["launcher_cancelled"], 0)["JobState"] == "CANCELLED"
+    log = jobs.log("launcher_cancelled")
+    line = [x for x in log.splitlines() if "the stop checkpoint is not complete" in x]
+    assert len(line) == 1 and line[0].startswith("stopped by SIGTERM, but the ranks exited with status "), log[-4000:]
+    assert "launch exited with status 143" not in log
+    checkpoints = jobs.tmp / "launcher_cancelled" / "checkpoints"
+    assert not (checkpoints / "latest").exists()  # the only save was cut off: nothing claims to be complete
+    assert not list(checkpoints.glob("step_*/COMPLETE"))
+
+
 def test_scontrol_requeue_of_a_running_job_stops_with_a_checkpoint_and_the_next_run_resumes(jobs):
     info = jobs.wait_done(jobs.ids["requeued"], 1)
     log = jobs.log("requeued")
@@ -167,14 +190,15 @@ def test_preprocess_array_task_warned_mid_run_requeues_and_the_folder_equals_one
     info = jobs.wait_done(f"{array}_1", 1)
     log = (jobs.tmp / "preprocess_1.log").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
-    assert "received SIGUSR1" in log and f"requeueing array task {array}_1" in log and "resuming:" in log, log
+    assert "received SIGUSR1" in log and f"requeueing array task {array}_1" in log, log
+    assert "partition 1 of 2: resuming:" in log and "stopped by SIGTERM: partition 1 of 2:" in log, log
     run_preprocess(PreprocessConfig(inputs=[str(jobs.tmp / "in")], output=str(tmp_path / "ref"), tokenizer="bytes",
                                     workers=1, shard_bytes=1), log=lambda m: None)
     assert contents(jobs.tmp / "prep") == contents(tmp_path / "ref")
 
 
 def test_job_logs_hold_no_traceback_and_no_signal_forwarder_noise(jobs):
-    for name in ("uninterrupted", "warned", "cancelled", "requeued"):
+    for name in ("uninterrupted", "warned", "cancelled", "requeued", "launcher_cancelled"):
         jobs.wait_done(jobs.ids[name], 0)
     logs = sorted(jobs.tmp.glob("*.log"))
     assert len(logs) >= 6
