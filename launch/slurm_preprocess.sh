@@ -48,9 +48,11 @@ srun --ntasks=1 --nodes=1 "${PREPROCESS[@]}" "$@" --output "$OUT" --num-partitio
 STEP=$!
 
 REQUEUE=0
-forward() {  # srun passes the signal on to mtp-preprocess
+forward() {  # SIGTERM to mtp-preprocess, by slurmd: srun would answer it by killing its task (SIGKILL)
   echo "received SIG$1: stopping partition ${INDEX} (complete shards are kept)"
-  kill -TERM "$STEP" 2>/dev/null
+  # The task's own id (the bare number may name the whole array). In the background and quiet: while Slurm ends or
+  # requeues the task it has signalled mtp-preprocess itself, and scancel then waits for the task's state to change.
+  scancel --signal=TERM "$TASK" 2>/dev/null &
 }
 trap 'REQUEUE=1; forward USR1' USR1
 trap 'forward TERM' TERM

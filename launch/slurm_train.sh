@@ -14,7 +14,7 @@
 # Every mode continues from the newest complete checkpoint (--train.resume auto).
 #
 # Stopping: Slurm sends SIGUSR1 to this script 180 s before the time limit (--signal=B:USR1@180). It is passed on to
-# every rank on every node and to nothing else (tasks: through srun; launcher/ssh: launch/forward_signals.sh); the
+# every rank on every node and to nothing else (tasks: scancel --signal; launcher/ssh: launch/forward_signals.sh); the
 # ranks finish the step, checkpoint and exit 143, and the job requeues itself (scontrol requeue) to continue.
 # scancel, pre-emption (PreemptMode=REQUEUE or CANCEL) and `scontrol requeue` send SIGTERM to every process of the
 # job: the ranks checkpoint the same way (Slurm itself requeues after a pre-emption or `scontrol requeue`). SIGTERM or
@@ -43,6 +43,8 @@ if [ ! -f "$LAUNCH/forward_signals.sh" ]; then LAUNCH=$PWD/launch; fi  # sbatch 
 source "$LAUNCH/forward_signals.sh"
 # Every rank of this launch carries it, so forward_signals.sh finds them (a requeued job starts new ranks).
 export MTP_LAUNCH_ID="slurm-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
+JOB=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID:-}}  # an array task's own id: the bare number
+JOB=${JOB:-$SLURM_JOB_ID}                                                  # may name the whole array
 if (( GPUS_PER_NODE < 1 )); then
   echo "GPUS_PER_NODE is ${GPUS_PER_NODE}: no GPU found by nvidia-smi -L; set GPUS_PER_NODE (ranks per node)" >&2
   exit 2
@@ -87,8 +89,10 @@ forward() {  # SIGNAL: to every rank on every node, and to nothing else
   STOPPED_BY=${STOPPED_BY:-SIG$1}
   echo "received SIG$1: passing it on to the ranks on every node"
   if [ "$LAUNCH_MODE" = tasks ]; then
-    # srun passes the signal on to every task; its own answer to SIGINT is a status report, hence TERM.
-    kill -s "$([ "$1" = INT ] && echo TERM || echo "$1")" "$STEP" 2>/dev/null
+    # To every task of the job's steps, by slurmd; not through srun, which answers SIGTERM or SIGINT by ending its
+    # tasks itself (SIGKILL). In the background and quiet: while Slurm ends or requeues the job it has signalled
+    # the tasks itself, and scancel then waits for the job's state to change.
+    scancel --signal="$([ "$1" = INT ] && echo TERM || echo "$1")" "$JOB" 2>/dev/null &
   else
     srun --overlap --nodes="$NUM_NODES" --ntasks="$NUM_NODES" --ntasks-per-node=1 "$LAUNCH/forward_signals.sh" "$1" "$MTP_LAUNCH_ID"
   fi
@@ -110,7 +114,7 @@ if [ -n "$STOPPED_BY" ] && [ "$rc" != 143 ]; then
   echo "stopped by ${STOPPED_BY}, but the ranks exited with status ${rc}: the stop checkpoint is not complete;" \
        "the next run resumes from the newest complete checkpoint (checkpoints/latest)"
 elif [ "$REQUEUE" = 1 ] && [ "$rc" = 143 ]; then
-  echo "stopped before the time limit with a checkpoint: requeueing job ${SLURM_JOB_ID}"
-  scontrol requeue "${SLURM_JOB_ID}"
+  echo "stopped before the time limit with a checkpoint: requeueing job ${JOB}"
+  scontrol requeue "$JOB"
 fi
 exit "$rc"

@@ -79,3 +79,12 @@ def test_warning_signal_reaches_every_rank_checkpoints_and_requeues(tmp_path):
     assert (out / "final" / "model.safetensors").is_file()
     assert (tmp_path / "stub.log").read_text().count("scontrol requeue") == 1
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step + 2
+
+
+def test_forward_signals_prints_one_line_whatever_the_other_processes_are():
+    """Reading every process's environment meets processes that exit meanwhile, zombies and (in containers) ones
+    that may not be read; none of that may reach the job log, which once got a line per process."""
+    proc = subprocess.run(["bash", "launch/forward_signals.sh", "TERM", "no-such-launch"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"{os.uname().nodename}: no rank of launch no-such-launch is running"]

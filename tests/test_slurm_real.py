@@ -198,11 +198,16 @@ def test_preprocess_array_task_warned_mid_run_requeues_and_the_folder_equals_one
 
 
 def test_job_logs_hold_no_traceback_and_no_signal_forwarder_noise(jobs):
-    for name in ("uninterrupted", "warned", "cancelled", "requeued", "launcher_cancelled"):
+    """The default mode's jobs and the preprocessing array; launcher mode under scancel is left out: a rank whose
+    peer was SIGKILLed mid-save does end with a traceback there."""
+    for name in ("uninterrupted", "warned", "cancelled", "requeued"):
         jobs.wait_done(jobs.ids[name], 0)
-    logs = sorted(jobs.tmp.glob("*.log"))
-    assert len(logs) >= 6
+    logs = [p for p in sorted(jobs.tmp.glob("*.log")) if p.name != "launcher_cancelled.log"]
+    assert len(logs) == 6
     for path in logs:
         text = path.read_text(errors="replace")
         assert "Traceback" not in text and "/proc/" not in text and "forward_signals.sh:" not in text, \
             f"{path.name}:\n{text[-3000:]}"
+    # launcher mode passes signals on with forward_signals.sh: one line per node, nothing about other processes
+    text = jobs.log("launcher_cancelled")
+    assert "/proc/" not in text and "forward_signals.sh:" not in text and "sending SIGTERM to ranks" in text
