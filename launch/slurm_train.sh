@@ -85,6 +85,7 @@ STEP=$!
 
 STOPPED_BY=
 REQUEUE=0
+PASSING_ON=()
 forward() {  # SIGNAL: to every rank on every node, and to nothing else
   STOPPED_BY=${STOPPED_BY:-SIG$1}
   echo "received SIG$1: passing it on to the ranks on every node"
@@ -94,8 +95,10 @@ forward() {  # SIGNAL: to every rank on every node, and to nothing else
     # the tasks itself, and scancel then waits for the job's state to change.
     scancel --signal="$([ "$1" = INT ] && echo TERM || echo "$1")" "$JOB" 2>/dev/null &
   else
-    srun --overlap --nodes="$NUM_NODES" --ntasks="$NUM_NODES" --ntasks-per-node=1 "$LAUNCH/forward_signals.sh" "$1" "$MTP_LAUNCH_ID"
+    srun --overlap --nodes="$NUM_NODES" --ntasks="$NUM_NODES" --ntasks-per-node=1 "$LAUNCH/forward_signals.sh" \
+        "$1" "$MTP_LAUNCH_ID" &
   fi
+  PASSING_ON+=($!)  # ended before this script exits: a process left in the batch step holds the job for KillWait
 }
 trap 'REQUEUE=1; forward USR1' USR1
 trap 'forward TERM' TERM
@@ -109,6 +112,8 @@ if [ "$LAUNCH_MODE" != tasks ]; then
   wait_for_ranks "$MTP_LAUNCH_ID"  # on this node (ssh mode: the pdsh launcher may exit before its ranks)
 fi
 echo "launch exited with status $rc"
+trap '' TERM INT USR1  # the ranks are gone; Slurm's SIGTERM after a requeue has nothing left to stop
+if (( ${#PASSING_ON[@]} )); then kill "${PASSING_ON[@]}" 2>/dev/null; fi
 # 143: the ranks stopped on request after a complete checkpoint.
 if [ -n "$STOPPED_BY" ] && [ "$rc" != 143 ]; then
   echo "stopped by ${STOPPED_BY}, but the ranks exited with status ${rc}: the stop checkpoint is not complete;" \
