@@ -45,6 +45,11 @@ source "$LAUNCH/forward_signals.sh"
 export MTP_LAUNCH_ID="slurm-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
 JOB=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID:-}}  # an array task's own id: the bare number
 JOB=${JOB:-$SLURM_JOB_ID}                                                  # may name the whole array
+case "$LAUNCH_MODE" in
+  tasks|launcher|ssh) ;;
+  *) echo "LAUNCH_MODE must be tasks, launcher or ssh, got '$LAUNCH_MODE'" \
+          "(one deepspeed launcher per node, formerly LAUNCH_MODE=srun, is LAUNCH_MODE=launcher)" >&2; exit 2 ;;
+esac
 if (( GPUS_PER_NODE < 1 )); then
   echo "GPUS_PER_NODE is ${GPUS_PER_NODE}: no GPU found by nvidia-smi -L; set GPUS_PER_NODE (ranks per node)" >&2
   exit 2
@@ -78,8 +83,6 @@ case "$LAUNCH_MODE" in
         --num_gpus "$GPUS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
         "$TRAIN_SCRIPT" "${ARGS[@]}" &
     ;;
-  *) echo "LAUNCH_MODE must be tasks, launcher or ssh, got '$LAUNCH_MODE'" \
-          "(one deepspeed launcher per node, formerly LAUNCH_MODE=srun, is LAUNCH_MODE=launcher)" >&2; exit 2 ;;
 esac
 STEP=$!
 

@@ -9,6 +9,7 @@ The jobs of every case are submitted at once and run side by side; each test the
    -> the checkpoint completes within KillWait, the batch script exits 143, a new job resumes from it; the same with
    LAUNCH_MODE=launcher loses the checkpoint, and the job log says so in one line.
 3. `scontrol requeue` of a running job -> stop checkpoint, Slurm requeues it, the next run resumes.
+   And `scancel --batch --signal=INT` (the batch script alone) -> every rank stops with a checkpoint, exit 143.
 4. slurm_preprocess.sh as a 2-task array job, USR1 to one task mid-run -> it requeues and the folder ends
    byte-identical to one uninterrupted mtp-preprocess run.
 5. No job log holds a traceback or launch/forward_signals.sh noise.
@@ -97,6 +98,7 @@ def jobs(tmp_path_factory):
         j.train("warned")
         j.train("cancelled", worker_args=("--slow_save_s", str(SLOW_SAVE_S)))
         j.train("requeued")
+        j.train("batch_interrupted")
         j.train("launcher_cancelled", worker_args=("--slow_save_s", str(SLOW_SAVE_S)), mode="launcher")
         # The signals, each once its job is under way.
         j.wait_for_step("warned", 2)
@@ -105,6 +107,8 @@ def jobs(tmp_path_factory):
         slurm.scancel(j.ids["cancelled"])
         j.wait_for_step("requeued", 2)
         slurm.scontrol("requeue", j.ids["requeued"])
+        j.wait_for_step("batch_interrupted", 2)
+        slurm.scancel("--batch", "--signal=INT", j.ids["batch_interrupted"])
         j.wait_for_step("launcher_cancelled", 2)
         slurm.scancel(j.ids["launcher_cancelled"])
         # Submitted last, so that its warning is sent within the second its task 1 is under way.
@@ -161,6 +165,19 @@ def test_scancel_gives_a_slow_stop_checkpoint_all_of_killwait_and_a_new_job_resu
     assert losses(out) == pytest.approx(losses(jobs.tmp / "uninterrupted"), rel=1e-6, abs=1e-6)
 
 
+def test_a_signal_to_the_batch_script_alone_stops_every_rank_with_a_checkpoint_and_exit_143(jobs):
+    """`scancel --batch --signal=INT`: the batch script passes it on (as SIGTERM: srun would kill its tasks on
+    either); the job ends with the script's 143 and is not requeued."""
+    info = jobs.wait_done(jobs.ids["batch_interrupted"], 0)
+    log = jobs.log("batch_interrupted")
+    assert info["ExitCode"] == "143:0" and info["Restarts"] == "0", (info, log[-4000:])
+    assert "received SIGINT" in log and "requeueing" not in log
+    out = jobs.tmp / "batch_interrupted"
+    assert 3 <= stopped_at(out) < STEPS
+    for rank in (0, 1):
+        assert "stop requested (SIGTERM)" in (out / "logs" / f"rank{rank}.log").read_text()
+
+
 def test_deepspeed_launcher_mode_cuts_a_slow_stop_checkpoint_at_30_s_and_says_so_in_one_line(jobs):
     """What the default mode avoids: LAUNCH_MODE=launcher under scancel. deepspeed's launch.py gets Slurm's SIGTERM
     too and SIGKILLs its ranks 30 s later, mid-save; the job must not claim a clean stop."""
@@ -200,10 +217,10 @@ def test_preprocess_array_task_warned_mid_run_requeues_and_the_folder_equals_one
 def test_job_logs_hold_no_traceback_and_no_signal_forwarder_noise(jobs):
     """The default mode's jobs and the preprocessing array; launcher mode under scancel is left out: a rank whose
     peer was SIGKILLed mid-save does end with a traceback there."""
-    for name in ("uninterrupted", "warned", "cancelled", "requeued"):
+    for name in ("uninterrupted", "warned", "cancelled", "requeued", "batch_interrupted"):
         jobs.wait_done(jobs.ids[name], 0)
     logs = [p for p in sorted(jobs.tmp.glob("*.log")) if p.name != "launcher_cancelled.log"]
-    assert len(logs) == 6
+    assert len(logs) == 7
     for path in logs:
         text = path.read_text(errors="replace")
         assert "Traceback" not in text and "/proc/" not in text and "forward_signals.sh:" not in text, \
