@@ -13,13 +13,14 @@
 
 _is_rank() {  # PID LAUNCH_ID
   local env
-  env=$(tr '\0' '\n' < "/proc/$1/environ" 2>/dev/null) || return 1
+  # Braces: a redirection's own error (a process gone, another user's) is printed before a 2>/dev/null after it.
+  { env=$(tr '\0' '\n' < "/proc/$1/environ"); } 2>/dev/null || return 1
   grep -qxF "MTP_LAUNCH_ID=$2" <<< "$env" && grep -q '^RANK=' <<< "$env"
 }
 
 _parent() {  # PID; the field after the command name, which may itself hold spaces or parentheses
   local stat
-  stat=$(< "/proc/$1/stat") 2>/dev/null || return 1
+  { stat=$(< "/proc/$1/stat"); } 2>/dev/null || return 1
   set -- ${stat##*) }
   echo "$2"
 }

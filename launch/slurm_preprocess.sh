@@ -48,10 +48,14 @@ srun --ntasks=1 --nodes=1 "${PREPROCESS[@]}" "$@" --output "$OUT" --num-partitio
 STEP=$!
 
 REQUEUE=0
-forward() {  # srun passes the signal on to mtp-preprocess
+forward() {  # SIGTERM to mtp-preprocess, by slurmd: srun would answer it by killing its task (SIGKILL)
   echo "received SIG$1: stopping partition ${INDEX} (complete shards are kept)"
-  kill -TERM "$STEP" 2>/dev/null
+  # The task's own id (the bare number may name the whole array). In the background and quiet: while Slurm ends or
+  # requeues the task it has signalled mtp-preprocess itself, and scancel then waits for the task's state to change.
+  scancel --signal=TERM "$TASK" 2>/dev/null &
+  PASSING_ON+=($!)  # ended before this script exits: a process left in the batch step holds the job for KillWait
 }
+PASSING_ON=()
 trap 'REQUEUE=1; forward USR1' USR1
 trap 'forward TERM' TERM
 trap 'forward INT' INT
@@ -61,6 +65,8 @@ while kill -0 "$STEP" 2>/dev/null; do wait "$STEP"; done
 wait "$STEP"
 rc=$?
 echo "partition ${INDEX} of ${NUM} exited with status $rc"
+trap '' TERM INT USR1  # the step is over; Slurm's SIGTERM after a requeue has nothing left to stop
+if (( ${#PASSING_ON[@]} )); then kill "${PASSING_ON[@]}" 2>/dev/null; fi
 if [ "$REQUEUE" = 1 ] && [ "$rc" = 143 ]; then
   echo "stopped before the time limit: requeueing array task ${TASK}"
   scontrol requeue "$TASK"

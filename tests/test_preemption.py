@@ -1,6 +1,7 @@
 """Pre-emption as clusters do it: SIGTERM to the whole process group (DataLoader workers and launcher included),
 followed by a resume that continues exactly; and a checkpoint save that fails on one rank."""
 
+import contextlib
 import json
 import os
 import signal
@@ -61,19 +62,34 @@ def stopped_at(out: Path) -> int:
     return int(tag.split("_")[1])
 
 
+@contextlib.contextmanager
+def signal_dispositions(dispositions: dict):
+    """Set the dispositions a test that signals itself relies on, and restore the inherited ones after: a
+    background job of a non-interactive shell (`nohup bash .ci/run &`) inherits SIGINT ignored, for example."""
+    inherited = {sig: signal.signal(sig, handler) for sig, handler in dispositions.items()}
+    try:
+        yield
+    finally:
+        for sig, handler in inherited.items():
+            signal.signal(sig, handler)
+
+
 def test_repeated_stop_signals_repeat_the_request_and_a_second_ctrl_c_interrupts():
     """A launcher passes SIGTERM on to ranks that already got it from the scheduler: that must not kill them."""
-    stop = StopSignal()
-    try:
-        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGUSR1, signal.SIGTERM):
-            os.kill(os.getpid(), sig)
-        assert stop.requested and stop.name == "SIGTERM"
-        os.kill(os.getpid(), signal.SIGINT)
-        with pytest.raises(KeyboardInterrupt):
+    interactive = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL,
+                   signal.SIGUSR1: signal.SIG_DFL}
+    with signal_dispositions(interactive):
+        stop = StopSignal()
+        try:
+            for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGUSR1, signal.SIGTERM):
+                os.kill(os.getpid(), sig)
+            assert stop.requested and stop.name == "SIGTERM"
             os.kill(os.getpid(), signal.SIGINT)
-    finally:
-        stop.restore()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        finally:
+            stop.restore()
+        assert {sig: signal.getsignal(sig) for sig in interactive} == interactive
 
 
 def test_group_sigterm_with_dataloader_workers_checkpoints_and_resumes_exactly(tmp_path):

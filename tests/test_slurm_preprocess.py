@@ -20,18 +20,24 @@ REPO = Path(__file__).resolve().parents[1]
 SRUN = """#!/usr/bin/env bash
 # srun stand-in for a one-task step: the command, on this machine
 echo "srun $*" >> "$STUB_LOG"
+echo $$ > "$STUB_LOG.step.${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
 while [[ "$1" == -* ]]; do shift; done
 exec "$@"
 """
 SCONTROL = """#!/usr/bin/env bash
 echo "scontrol $*" >> "$STUB_LOG"
 """
+SCANCEL = """#!/usr/bin/env bash
+# scancel --signal=SIG JOB stand-in: the signal to the job's step
+echo "scancel $*" >> "$STUB_LOG"
+kill -s "${1#--signal=}" "$(cat "$STUB_LOG.step.$2")"
+"""
 
 
 def array_env(tmp: Path, task: int) -> dict:
     stubs = tmp / "stubs"
     stubs.mkdir(exist_ok=True)
-    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL), ("scancel", SCANCEL)):
         (stubs / name).write_text(text)
         (stubs / name).chmod(0o755)
     return dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", STUB_LOG=str(tmp / "stub.log"),
@@ -68,6 +74,7 @@ def test_array_tasks_write_one_dataset_and_the_warning_signal_requeues(tmp_path)
     assert "received SIGUSR1" in logs[1] and "stopped by SIGTERM: partition 1 of 2:" in logs[1], logs[1]
     stub_log = (tmp_path / "stub.log").read_text()
     assert stub_log.count("scontrol requeue 77_4") == 1 and "scontrol requeue 77_3" not in stub_log
+    assert "scancel --signal=TERM 77_4" in stub_log
     assert "--num-partitions 2 --partition-index 1" in stub_log
     assert not (out / "dataset.json").exists()
 

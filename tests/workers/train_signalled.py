@@ -5,6 +5,8 @@ cluster signals a job; exits as mtp-train does after a requested stop (143 after
 
 --group_sigterm_after_step K: rank 0 sends SIGTERM to its whole process group (launcher, every rank, DataLoader
 workers: what scancel, docker stop or `kill -- -PGID` do) at the start of step K + 1.
+--slow_save_s S: every checkpoint save takes S seconds longer, spent between DeepSpeed's files and the marks that
+make the checkpoint complete (a large model on a shared filesystem); a kill during it leaves an incomplete save.
 --disk_full_at PATH: writing the file PATH fails as on a full disk (tests run as root, so permissions cannot
 stop a write, and a save first clears its step folder of what stood there).
 """
@@ -14,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +24,7 @@ import torch.distributed as dist
 
 from train_synthetic import SyntheticLoader, pop_flag
 
+from mtplm.pretrain import checkpoint
 from mtplm.pretrain.distributed import init_distributed
 from mtplm.pretrain.train import exit_status, parse_args
 from mtplm.pretrain.trainer import Trainer
@@ -38,6 +42,16 @@ class SignalledTrainer(Trainer):
 def main():
     argv = sys.argv[1:]
     SignalledTrainer.group_sigterm_after = pop_flag(argv, "--group_sigterm_after_step")
+    slow_save_s = pop_flag(argv, "--slow_save_s")
+    if slow_save_s:
+        rng_state = checkpoint.rng_state  # taken by each rank after DeepSpeed wrote its files
+
+        def slow_rng_state():
+            print(f"checkpoint save: {slow_save_s} s more (--slow_save_s)", flush=True)
+            time.sleep(slow_save_s)
+            return rng_state()
+
+        checkpoint.rng_state = slow_rng_state
     if "--disk_full_at" in argv:
         i = argv.index("--disk_full_at")
         full = Path(argv.pop(i + 1)).resolve()
