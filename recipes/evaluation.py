@@ -49,11 +49,14 @@ def mtp_eval(folder: Path, cfg: dict, preset: Preset, tasks: Path | None) -> dic
 
 
 def induction_curve(folder: Path, preset: Preset, seq_len: int, test: Path) -> list[dict]:
-    """Name accuracy at every kept checkpoint (and the final model), by occurrence."""
+    """Name accuracy at every kept checkpoint (and the final model), by occurrence; beside it the share of
+    predictions that copy some earlier name's second token ("copies_a_name") and the accuracy of copying one of
+    the earlier names at random ("random_name_accuracy"): accuracy at that level with copies_a_name near 1 is
+    copying without matching the name's first token, not induction."""
     from mtplm.data.tokenizer import ByteTokenizer
     from mtplm.inference.evaluate import load_for_eval
 
-    from .induction_eval import next_token_hits
+    from .induction_eval import copy_diagnosis, next_token_predictions
 
     path = folder / "induction_eval.json"
     if path.is_file():
@@ -68,19 +71,21 @@ def induction_curve(folder: Path, preset: Preset, seq_len: int, test: Path) -> l
     curve = []
     for step in steps:
         model, _, _ = load_for_eval(folder / "checkpoints" / f"step_{step:08d}")
-        hits = next_token_hits(model, seqs, [[p for p, _ in f] for f in found], preset.eval_batch_size, tok.eod_id)
+        predicted = next_token_predictions(model, seqs, [[p for p, _ in f] for f in found], preset.eval_batch_size,
+                                           tok.eod_id)
         by: dict[str, list[int]] = {}
-        for f, h in zip(found, hits):
-            for (_, k), ok in zip(f, h):
+        every, copies, level = [], [], []
+        for s, f, pred in zip(seqs, found, predicted):
+            for (p, k), t in zip(f, pred):
+                ok = t == s[p + 1]
                 by.setdefault(induction.occurrence_group(k), []).append(ok)
-        every = [ok for h in hits for ok in h]
+                copied, guess = copy_diagnosis(s, p, t, induction.LEAD_BYTES)
+                every.append(ok), copies.append(copied), level.append(guess)
         curve.append({"step": step, "tokens": tokens_at.get(step, 0), "positions": len(every),
-                      "accuracy": sum(every) / len(every),
-                      "by": {g: sum(v) / len(v) for g, v in by.items()}})
+                      "accuracy": sum(every) / len(every), "by": {g: sum(v) / len(v) for g, v in by.items()},
+                      "copies_a_name": sum(copies) / len(copies), "random_name_accuracy": sum(level) / len(level)})
     write_json_atomic(path, {"test": str(test), "curve": curve})
     return curve
-
-
 
 
 def evaluate_model(recipe: str, preset: Preset, folder: Path, cfg: dict, test: Path, size: str, n: int, seed: int,
@@ -99,7 +104,8 @@ def evaluate_model(recipe: str, preset: Preset, folder: Path, cfg: dict, test: P
                    digit_accuracy_by=polynomial.digit_accuracy_by_m(folder / "completions.jsonl"))
     elif recipe == "induction":
         curve = induction_curve(folder, preset, cfg["data"]["seq_len"], test)
-        row.update(accuracy=curve[-1]["accuracy"], accuracy_by=curve[-1]["by"], curve=curve)
+        row.update(accuracy=curve[-1]["accuracy"], accuracy_by=curve[-1]["by"], curve=curve,
+                   copies_a_name=curve[-1]["copies_a_name"], random_name_accuracy=curve[-1]["random_name_accuracy"])
     elif n > 1:
         row.update(decoding=decoding(folder, preset, test))
     log(f"{name}: " + (f"accuracy {row['accuracy']:.3f}, " if "accuracy" in row else "")

@@ -50,6 +50,14 @@ def write_table(rows: list[dict], out: Path, header: str, difficulty: str | None
         lines += ["", "Exact match at m = 1 by operator:", "", _row(["model", *ops]), "|" + "---|" * (len(ops) + 1)]
         lines += [_row([r["model"], *[f"{r['accuracy_by_op'].get(o, float('nan')):.3f}" for o in ops]])
                   for r in rows]
+    if any("copies_a_name" in r for r in rows):
+        lines += ["", "What the predictions at the final checkpoint are: the share that copy the second token of some "
+                      "earlier name, and the accuracy of copying one of the earlier names at random (1/k with k names "
+                      "before; accuracy near it with copies near 1 is copying without matching the name's first "
+                      "token):", "", _row(["model", "accuracy", "copies a name", "random-name accuracy"]),
+                  "|---|---|---|---|"]
+        lines += [_row([r["model"], f"{r['accuracy']:.3f}", f"{r['copies_a_name']:.3f}",
+                        f"{r['random_name_accuracy']:.3f}"]) for r in rows]
     lines += decoding_lines(rows)
     if any("digit_accuracy_by" in r for r in rows):
         lines += ["", f"Share of answer digits right (partial credit; chance 1/7 = 0.143), by {difficulty}:", "",
@@ -181,6 +189,9 @@ def plot_by_tokens(rows: list[dict], path: Path, title: str) -> None:
         stats = [_mean_spread(points[x]) for x in xs]
         ax.plot(xs, [s[0] for s in stats], marker="o", label=f"{size} n={n}")
         ax.fill_between(xs, [s[1] for s in stats], [s[2] for s in stats], alpha=0.15)
+    levels = [r["random_name_accuracy"] for r in rows if "random_name_accuracy" in r]
+    if levels:  # the level that copying a random earlier name reaches
+        ax.axhline(sum(levels) / len(levels), color="grey", linestyle="--", label="copying a random earlier name")
     _label(ax, "training tokens", "accuracy on a name's second token", title)
     _save(plt, fig, path)
 

@@ -97,3 +97,14 @@ def test_hits_match_single_sequence_forward():
         assert h == [int(pred[p]) == s[p + 1] for p in range(len(s) - 1)]
     # a model that always predicts the right token scores every position
     assert json.dumps(next_token_hits(_Echo(), [[3, 4, 5]], [[0, 1]])) == "[[true, true]]"
+
+
+def test_copy_diagnosis_tells_copying_a_name_from_induction():
+    """At the third name below (lead 0xC5 again), induction answers 0x81; copying without matching the lead byte
+    answers 0x81 or 0x90 (each earlier name's second byte), right half the time."""
+    from mtplm.recipes.induction_eval import copy_diagnosis
+
+    seq = [0xC5, 0x81, ord(" "), 0xD0, 0x90, ord(" "), 0xC5, 0x81]
+    assert copy_diagnosis(seq, 6, 0x81, I.LEAD_BYTES) == (True, 0.5)  # right, and a copy
+    assert copy_diagnosis(seq, 6, 0x90, I.LEAD_BYTES) == (True, 0.5)  # wrong name copied
+    assert copy_diagnosis(seq, 6, ord("x"), I.LEAD_BYTES) == (False, 0.5)
