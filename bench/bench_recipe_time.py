@@ -32,6 +32,7 @@ def micro_step_seconds(recipe: str, preset_name: str, size: str, n: int, args, t
     """Seconds per micro-batch step of one shape: the mean over --jobs copies trained side by side."""
     from mtplm.recipes.presets import PRESETS
     from mtplm.recipes.run import model_config
+    from mtplm.recipes.training import threads_per_job
 
     preset = PRESETS[recipe][preset_name]
     m, shape = model_config(preset, size, n), preset.shape(size)
@@ -39,7 +40,8 @@ def micro_step_seconds(recipe: str, preset_name: str, size: str, n: int, args, t
     cfg.write_text(yaml.safe_dump({"model": {k: getattr(m, k) for k in ("dim", "n_layers", "n_heads", "vocab_size",
                                                                        "multiple_of", "max_seq_len")},
                                    "optim": {"lr": preset.lr}}))
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, os.cpu_count() // args.jobs))) if args.jobs > 1 else None
+    threads = threads_per_job(args.jobs)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     procs = []
     for j in range(args.jobs):
         out = tmp / f"{cfg.stem}_{j}.json"

@@ -37,7 +37,7 @@ if python bench/bench_speculative.py --help | grep -q -- "--compile"; then
     SPEC+=(--compile)
 fi
 "${SPEC[@]}" | tee "$OUT/speculative.txt"
-python bench/bench_recipe_time.py --deepspeed_config ds_configs/zero0_bf16.json | tee "$OUT/recipes.txt"
+python bench/bench_recipe_time.py --preset paper --recipes induction polynomial --seeds 2 --deepspeed_config ds_configs/zero0_bf16.json | tee "$OUT/recipes.txt"
 
 python - "$OUT" <<'PY'
 import json, sys
@@ -58,5 +58,5 @@ print("\n".join((out / "memory.txt").read_text().splitlines()[-6:]))
 print("\nbench_speculative.py: see speculative.txt; table:")
 print("\n".join(l for l in (out / "speculative.txt").read_text().splitlines() if l[:1] == " " or "speedup" in l))
 print("\nbench_recipe_time.py (paper presets, training only):")
-print("\n".join(l for l in (out / "recipes.txt").read_text().splitlines() if "min of training" in l))
+print("\n".join(l for l in (out / "recipes.txt").read_text().splitlines() if "hours of training" in l))
 PY

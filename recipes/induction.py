@@ -75,7 +75,7 @@ def random_names(rng: random.Random, k: int) -> list[str]:
 
 
 # The CPU analogue ("dense" stories): the same names and lists, in short sentences that each name one or two
-# characters, so that about one byte in eight belongs to a name instead of one in twenty-five. Induction heads
+# characters, so that about one byte in five belongs to a name instead of one in ten. Induction heads
 # form after a number of copy examples, not of tokens; dense stories give a small model enough of them in a CPU
 # budget (Olsson et al. 2022 on how copying patterns drive their formation).
 DENSE_ONE = ["{A} ran.", "{A} sat.", "{A} hid.", "{A} sang.", "{A} ate {food}.", "{A} was {feeling}.",

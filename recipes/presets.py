@@ -53,8 +53,16 @@ def with_changes(preset: Preset, changes: list[str]) -> Preset:
         if not sep or key not in fields:
             raise ValueError(f"{change!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
         kind = type(getattr(preset, key))
+        own = [name for name, s in preset.sizes.items() if key in s]
+        if own:
+            raise ValueError(f"{change!r}: the sizes {', '.join(own)} set their own {key}")
         try:
-            values[key] = kind(float(text)) if kind is int and text.replace("e", "").isdigit() else kind(text)
+            if kind is bool:
+                if text.lower() not in ("true", "false"):
+                    raise ValueError
+                values[key] = text.lower() == "true"
+            else:
+                values[key] = kind(float(text)) if kind is int and text.replace("e", "").isdigit() else kind(text)
         except ValueError:
             raise ValueError(f"{change!r}: {key} takes a {kind.__name__}, got {text!r}") from None
     return dataclasses.replace(preset, **values)

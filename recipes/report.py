@@ -38,8 +38,8 @@ def write_table(rows: list[dict], out: Path, header: str, difficulty: str | None
         lines.append(_row(cells))
     if summary:
         lines += ["", "Mean over seeds [min, max], and the verdict against n = 1 of the same size: better or worse "
-                      "where the seeds' ranges do not overlap (with 3 seeds each, a one-sided permutation p of "
-                      "1/20), else indistinguishable:", "",
+                      "where the seeds' ranges do not overlap with at least 3 seeds each (a one-sided permutation p of "
+                      "at most 1/20), else indistinguishable:", "",
                   _row(["size", "n", "seeds", "accuracy", *[f"{difficulty}={g}" for g in groups]]),
                   "|" + "---|" * (len(groups) + 4)]
         for s in summary:
@@ -74,7 +74,10 @@ def _mean_spread(values: list[float]) -> tuple[float, float, float]:
 
 
 def verdict(these: list[float], baseline: list[float]) -> str:
-    """better / worse where the two sets of seeds do not overlap, else indistinguishable."""
+    """better / worse where the two sets of seeds do not overlap and there are at least 3 of each (the chance of
+    no overlap by luck alone, one way, is then at most 1/20), else indistinguishable."""
+    if min(len(these), len(baseline)) < 3:
+        return "indistinguishable"
     if min(these) > max(baseline):
         return "better"
     if max(these) < min(baseline):

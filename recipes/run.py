@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -33,13 +32,13 @@ from mtplm.model.flops import count_params
 from . import byte_code, induction, polynomial
 from .presets import PRESETS, Preset, with_changes
 from .evaluation import evaluate_model
-from .training import RecipeError, Stopped, TrainCommand, log, raise_stopped, stop_training, train
+from .training import RecipeError, Stopped, TrainCommand, log, raise_stopped, stop_training, threads_per_job, train
 
 VOCAB = 256  # byte-level tokens (mtp-preprocess --tokenizer bytes)
 # The context a model is built for: room for the longest test prompt (an m = 10 polynomial is < 200 bytes) and
 # its answer, even when a preset trains on shorter samples (rotary positions have no learned table).
 MIN_CONTEXT = 256
-DEFAULT_N = {"polynomial": (1, 2, 4), "induction": (1, 2, 4), "bytes": (1, 8)}
+DEFAULT_N = {"polynomial": (1, 2, 4), "induction": (1, 2), "bytes": (1, 8)}  # Figs. 8 and 7, Table S3
 
 
 def check_run_folder(out: Path, settings: dict) -> None:
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="run folder (data, models, results)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="training seeds (default: 1 2 3)")
     p.add_argument("--n", nargs="+", type=int,
-                   help="future tokens per model (default: 1 2 4; bytes: 1 8, the paper's byte-level n)")
+                   help="future tokens per model (default: the paper's, polynomial 1 2 4, induction 1 2, bytes 1 8)")
     p.add_argument("--sizes", nargs="+", help="model sizes of the preset (default: all of them)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated data (default: 0)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
@@ -134,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     command = TrainCommand(args.launcher, args.deepspeed_config, tuple(argv[cut + 1:]))
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs > 1 and args.launcher:
+        p.error("--jobs > 1 with --launcher: each launcher takes the machine's GPUs and port; run one model at a time")
     args.n = args.n or list(DEFAULT_N[args.recipe])
     if args.preset not in PRESETS[args.recipe]:
         p.error(f"--preset: the {args.recipe} recipe has the presets {', '.join(PRESETS[args.recipe])}")
@@ -164,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"non-embedding: {mcfg.n_trunk_layers} trunk blocks + {n} head blocks)")
                 models += [(size, n, seed, mcfg, c) for seed in args.seeds]
         # --jobs training processes side by side; then evaluation, one model at a time
-        threads = None if args.jobs == 1 or "OMP_NUM_THREADS" in os.environ else max(1, os.cpu_count() // args.jobs)
+        threads = threads_per_job(args.jobs)
         with ThreadPoolExecutor(args.jobs) as pool:
             try:
                 list(pool.map(lambda m: train(*model_run(preset, out, tokens, *m[:4]), command, threads), models))
-            except Stopped:  # before the pool waits for its threads, which wait for their trainers
+            except BaseException:  # a stop or a failed model: before the pool waits for its threads and queue
                 pool.shutdown(wait=False, cancel_futures=True)
                 stop_training()
                 raise

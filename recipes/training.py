@@ -44,6 +44,14 @@ class TrainCommand:
         return start + ["--config", str(config), "--train.resume", "auto", *ds, *self.overrides]
 
 
+def threads_per_job(jobs: int) -> int | None:
+    """OMP threads for each of `jobs` processes side by side: the cores shared out, unless OMP_NUM_THREADS is set
+    (more threads than cores make a step many times slower)."""
+    if jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, os.cpu_count() // jobs)
+
+
 TRAINING: set[subprocess.Popen] = set()  # the mtp-train processes running, for a stop to reach them
 
 

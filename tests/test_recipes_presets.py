@@ -33,8 +33,13 @@ def test_paper_presets_are_the_papers_settings(tmp_path):
 
 def test_set_changes_scalar_fields_with_their_types():
     base = PRESETS["induction"]["cpu"]
-    p = with_changes(base, ["lr=1e-3", "steps=2e3", "story=paper", "decode_compiled=False"])
+    p = with_changes(base, ["lr=1e-3", "steps=2e3", "story=paper", "decode_compiled=false"])
     assert (p.lr, p.steps, p.story, p.sizes) == (1e-3, 2000, "paper", base.sizes) and isinstance(p.steps, int)
+    assert p.decode_compiled is False and with_changes(p, ["decode_compiled=True"]).decode_compiled is True
+    with pytest.raises(ValueError, match="decode_compiled takes a bool, got '0'"):
+        with_changes(base, ["decode_compiled=0"])
+    with pytest.raises(ValueError, match="the sizes 30M set their own seq_len"):  # would be silently ignored
+        with_changes(PRESETS["polynomial"]["paper"], ["seq_len=512"])
     with pytest.raises(ValueError, match="KEY one of"):
         with_changes(base, ["sizes=3"])
     with pytest.raises(ValueError, match="steps takes a int, got 'many'"):
@@ -42,6 +47,7 @@ def test_set_changes_scalar_fields_with_their_types():
 
 
 def test_verdicts_need_seeds_that_do_not_overlap():
+    assert verdict([0.5, 0.6], [0.1, 0.2]) == "indistinguishable"  # p = 1/6: too few seeds to call
     assert verdict([0.5, 0.6, 0.7], [0.1, 0.2, 0.45]) == "better"
     assert verdict([0.1, 0.2, 0.3], [0.35, 0.4, 0.5]) == "worse"
     assert verdict([0.1, 0.5, 0.6], [0.2, 0.3, 0.4]) == "indistinguishable"
