@@ -228,3 +228,19 @@ def test_job_logs_hold_no_traceback_and_no_signal_forwarder_noise(jobs):
     # launcher mode passes signals on with forward_signals.sh: one line per node, nothing about other processes
     text = jobs.log("launcher_cancelled")
     assert "/proc/" not in text and "forward_signals.sh:" not in text and "sending SIGTERM to ranks" in text
+
+
+def test_a_recipe_trains_its_models_as_srun_tasks(jobs, tmp_path):
+    """mtp-recipe inside an allocation with --launcher "srun ... launch/rank_task.sh ADDR PORT": each model's ranks
+    are srun tasks (tensor parallelism over the two), as the README shows."""
+    out, log = tmp_path / "recipe", tmp_path / "recipe.log"
+    launcher = f"srun --ntasks=2 --oversubscribe launch/rank_task.sh 127.0.0.1 {free_port()}"
+    cmd = (f"{sys.executable} -m mtplm.recipes.run polynomial --preset tiny --out {out} --seeds 1 --n 2 "
+           f"--launcher '{launcher}' -- --parallel.tensor 2")
+    env = jobs.slurm.env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
+    job = jobs.slurm.sbatch("--ntasks=2", "--oversubscribe", f"--output={log}", "--wrap", cmd, cwd=REPO, env=env)
+    info = jobs.wait_done(job, 0)
+    assert info.get("ExitCode") == "0:0", log.read_text()[-3000:]
+    train_log = (out / "models" / "tiny_n2_seed1" / "train.out").read_text()
+    assert "world 2 on CPU" in train_log and "tensor-parallel 2" in train_log
+    assert (out / "results.md").is_file()
