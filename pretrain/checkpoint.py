@@ -109,7 +109,8 @@ def _gather_failures(failures: list[str]) -> list[tuple[int, str]]:
 
 def save_checkpoint(engine, cfg: TrainConfig, step: int, client_state: dict) -> Path:
     """Collective: every rank must call it. Returns the tag folder. Raises CheckpointSaveError on every rank if
-    any rank failed to write its part; the checkpoint is then not marked complete and `latest` is not moved."""
+    any rank failed to write its part, after leaving the process group (the run ends); the checkpoint is then not
+    marked complete and `latest` is not moved."""
     root = checkpoint_dir(cfg.train.out_dir)
     tag = tag_for(step)
     rank = dist.get_rank()
@@ -152,6 +153,9 @@ def save_checkpoint(engine, cfg: TrainConfig, step: int, client_state: dict) -> 
     if failed:
         latest = root / LATEST
         previous = latest.read_text().strip() if latest.is_file() else None
+        # Every rank agreed on the failure and ends the run: leave the process group together, as a rank that
+        # exits inside it can tear the connections down under a peer (gloo then aborts that peer's process).
+        dist.destroy_process_group()
         raise CheckpointSaveError(
             f"checkpoint {folder} was not saved: "
             + "; ".join(f"rank {r} could not write {m}" for r, m in failed)

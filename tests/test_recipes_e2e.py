@@ -38,7 +38,8 @@ def test_recipe_tiny_end_to_end(tmp_path, name, groups):
             assert all(0 <= v <= 1 for v in r["digit_accuracy_by"].values())
         else:
             assert [p["step"] for p in r["curve"]] == [2, 4] and r["curve"][-1]["positions"] > 0
-            assert 0 <= r["copies_a_name"] <= 1 and 0 < r["random_name_accuracy"] <= 0.5
+            # random_name_accuracy is 1 where every repeated name has only itself before it (short tiny stories)
+            assert 0 <= r["copies_a_name"] <= 1 and 0 < r["random_name_accuracy"] <= 1
     table = (out / "results.md").read_text()
     assert "| 1 | 1 |" in table and "| 2 | 1 |" in table
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

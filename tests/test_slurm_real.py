@@ -37,6 +37,7 @@ from mtplm.data.readers import discover
 pytestmark = pytest.mark.slow
 STEPS = 40
 WORKER = "tests/workers/train_signalled.py"
+STEP_DELAY_MS = 500
 SLOW_SAVE_S = 35  # deepspeed's launcher SIGKILLs its ranks 30 s after passing on a SIGTERM
 FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
 
@@ -95,11 +96,14 @@ def jobs(tmp_path_factory):
     try:
         j = Jobs(slurm, tmp)
         j.train("uninterrupted")
-        j.train("warned")
-        j.train("cancelled", worker_args=("--slow_save_s", str(SLOW_SAVE_S)))
-        j.train("requeued")
-        j.train("batch_interrupted")
-        j.train("launcher_cancelled", worker_args=("--slow_save_s", str(SLOW_SAVE_S)), mode="launcher")
+        # The signalled jobs take 40 steps x 0.5 s at least: each signal, sent once its job is 2 steps in, arrives
+        # before the last step even while the other jobs load the machine (or the job would end with 0, not 143).
+        slow = ("--step_delay_ms", str(STEP_DELAY_MS))
+        j.train("warned", worker_args=slow)
+        j.train("cancelled", worker_args=(*slow, "--slow_save_s", str(SLOW_SAVE_S)))
+        j.train("requeued", worker_args=slow)
+        j.train("batch_interrupted", worker_args=slow)
+        j.train("launcher_cancelled", worker_args=(*slow, "--slow_save_s", str(SLOW_SAVE_S)), mode="launcher")
         # The signals, each once its job is under way.
         j.wait_for_step("warned", 2)
         slurm.scancel("--batch", "--signal=USR1", j.ids["warned"])  # what --signal=B:USR1@N does at the warning

@@ -7,6 +7,8 @@ cluster signals a job; exits as mtp-train does after a requested stop (143 after
 workers: what scancel, docker stop or `kill -- -PGID` do) at the start of step K + 1.
 --slow_save_s S: every checkpoint save takes S seconds longer, spent between DeepSpeed's files and the marks that
 make the checkpoint complete (a large model on a shared filesystem); a kill during it leaves an incomplete save.
+--step_delay_ms MS: every step takes MS milliseconds longer (a larger model), so that a signal sent a few steps into the
+run reaches it well before its last step on a loaded machine.
 --disk_full_at PATH: writing the file PATH fails as on a full disk (tests run as root, so permissions cannot
 stop a write, and a save first clears its step folder of what stood there).
 """
@@ -32,10 +34,12 @@ from mtplm.pretrain.trainer import Trainer
 
 class SignalledTrainer(Trainer):
     group_sigterm_after = None
+    step_delay_s = 0.0
 
     def train_step(self, batches):
         if self.step == self.group_sigterm_after and self.dist.rank == 0:
             os.killpg(os.getpgid(0), signal.SIGTERM)
+        time.sleep(self.step_delay_s)
         return super().train_step(batches)
 
 
@@ -43,6 +47,7 @@ def main():
     argv = sys.argv[1:]
     SignalledTrainer.group_sigterm_after = pop_flag(argv, "--group_sigterm_after_step")
     slow_save_s = pop_flag(argv, "--slow_save_s")
+    SignalledTrainer.step_delay_s = (pop_flag(argv, "--step_delay_ms") or 0) / 1000
     if slow_save_s:
         rng_state = checkpoint.rng_state  # taken by each rank after DeepSpeed wrote its files
 
