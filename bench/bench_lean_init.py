@@ -36,8 +36,8 @@ def rank_main(args) -> dict:
     from mtplm.pretrain.config import TrainConfig, load_config
     from mtplm.pretrain.ds_config import build_ds_config
     from mtplm.pretrain.engine import build_engine
-    from mtplm.pretrain.parallel_layout import build_layout
-    from mtplm.pretrain.tensor_parallel import apply_tensor_parallel
+    from mtplm.pretrain.parallel.layout import build_layout
+    from mtplm.pretrain.parallel.tensor_parallel import apply_tensor_parallel
 
     cfg = load_config(TrainConfig, args.config, ["--train.micro_batch_size", "1", "--train.grad_accum_steps", "1",
                                                  "--parallel.pipeline", "1", "--parallel.tensor", "1",

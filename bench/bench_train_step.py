@@ -125,7 +125,7 @@ def activation_memory(args) -> None:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from mtplm.model.transformer import TransformerBlock, rope_for
-    from mtplm.pretrain.recompute import selective_checkpoint
+    from mtplm.pretrain.parallel.recompute import selective_checkpoint
 
     cfg = load(args, 4, [])
     tokens = min(cfg.data.seq_len, 512)  # activation memory is linear in tokens (SDPA keeps no T x T scores)

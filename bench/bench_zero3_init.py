@@ -46,7 +46,7 @@ def rank_main(args) -> dict:
     from mtplm.pretrain.build_model import build_model, local_parameter_count
     from mtplm.pretrain.config import TrainConfig, load_config
     from mtplm.pretrain.ds_config import build_ds_config
-    from mtplm.pretrain.parallel_layout import build_layout
+    from mtplm.pretrain.parallel.layout import build_layout
     from mtplm.pretrain.engine import param_groups
 
     # Data parallelism only: the "whole" arm is plain construction, with nothing cut for tensor parallelism.

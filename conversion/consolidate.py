@@ -3,7 +3,7 @@
 Accepted: a consolidated folder (params.json + model.safetensors), a checkpoints folder (its `latest`), or
 one step_* folder. Where the optimizer's fp32 masters were saved (in partitions: ZeRO-1/2/3 and DeepSpeed's bf16
 optimizer, also under pipeline parallelism; by parameter: its unfused bf16/fp16 wrapper under ZeRO-0) they are
-what is exported, read as a resume on another layout reads them (pretrain/reshard.py, with DeepSpeed's
+what is exported, read as a resume on another layout reads them (pretrain/checkpointing/reshard.py, with DeepSpeed's
 zero_to_fp32 merger), not the bf16 working copy. Otherwise (fp32 ZeRO-0) the weights are the module's own: the
 whole module in mp_rank_XX_model_states.pt, or each pipeline layer's in layer_LL-model_TT-model_states.pt. With
 tensor parallelism the shards are joined along the dimension each weight was split.
@@ -20,11 +20,11 @@ import torch
 from mtplm.model.config import ModelConfig
 from mtplm.model.weights import PARAMS_FILE, WEIGHTS_FILE, load_model, model_config_from_json
 
-from mtplm.pretrain.checkpoint import CONFIG_FILE, LATEST
-from mtplm.pretrain.pipeline import meta_name
-from mtplm.pretrain.reshard import (LAYER_FILE, has_zero_partitions, holds_fp32_masters, load_states,
+from mtplm.pretrain.checkpointing.checkpoint import CONFIG_FILE, LATEST
+from mtplm.pretrain.parallel.pipeline import meta_name
+from mtplm.pretrain.checkpointing.reshard import (LAYER_FILE, has_zero_partitions, holds_fp32_masters, load_states,
                                    universal_state)
-from mtplm.pretrain.tensor_parallel import merge_tensor_parallel_shards
+from mtplm.pretrain.parallel.tensor_parallel import merge_tensor_parallel_shards
 
 _MP_RANK = re.compile(r"mp_rank_(\d+)")
 

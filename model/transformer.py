@@ -92,7 +92,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # reset_parameters there). DeepSpeed's zero.Init partitions a module's parameters the moment its __init__
 # returns, so anything set afterwards, from outside, would be lost on a ZeRO-3 construction. Every module that
 # owns parameters can redo that initialisation with reset_parameters(), drawing the same random numbers when
-# called in construction order: a model built on the meta device is initialised that way (pretrain/lean_init.py).
+# called in construction order: a model built on the meta device is initialised that way
+# (pretrain/parallel/lean_init.py).
 
 
 class Linear(nn.Linear):

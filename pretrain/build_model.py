@@ -1,9 +1,9 @@
 """Build the model a rank trains: construction (activation checkpointing is a model option), initial weights,
 tensor parallelism.
 
-Under ZeRO-0/1/2 the lean build (lean_init.py) constructs the model on the meta device and materialises only
-what the rank keeps (its pipeline stage, its tensor shards), one full tensor at a time, with the values of the
-whole build from the same seed.
+Under ZeRO-0/1/2 the lean build (parallel/lean_init.py) constructs the model on the meta device and materialises
+only what the rank keeps (its pipeline stage, its tensor shards), one full tensor at a time, with the values of
+the whole build from the same seed.
 
 Under ZeRO-3 the model is constructed inside DeepSpeed's `zero.Init`, as Megatron-DeepSpeed and Hugging Face do:
 every module's parameters are broadcast from data-parallel rank 0 and cut into per-rank partitions as soon as
@@ -27,21 +27,21 @@ import deepspeed
 
 from mtplm.model.transformer import MTPTransformer
 
-from .compile import apply_compile
+from .checkpointing.init_from import initial_weights_reader, load_initial_weights
 from .config import TrainConfig
 from .ds_config import zero_stage
-from .init_from import load_initial_weights
-from .lean_init import build_lean
-from .parallel_layout import ParallelLayout
-from .recompute import apply_selective_recompute
-from .tensor_parallel import apply_tensor_parallel
+from .parallel.compile import apply_compile
+from .parallel.layout import ParallelLayout
+from .parallel.lean_init import build_lean
+from .parallel.recompute import apply_selective_recompute
+from .parallel.tensor_parallel import apply_tensor_parallel
 
 
 def build_model(cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout) -> tuple[MTPTransformer, list[str]]:
     """The rank's model, before deepspeed.initialize (and before the pipeline layout takes its modules);
     returns it and notes on how init_from's weights were adapted. Collective under ZeRO-3."""
     t, stage = cfg.train, zero_stage(ds_cfg)
-    # The pipeline layout recomputes with DeepSpeed's own interval instead (same meaning; see pipeline.py).
+    # The pipeline layout recomputes with DeepSpeed's own interval instead (same meaning; see parallel/pipeline.py).
     full = t.activation_checkpointing and t.activation_checkpoint_policy == "full"
     interval = t.activation_checkpoint_interval if full and not layout.pipeline else 0
 
@@ -50,7 +50,8 @@ def build_model(cfg: TrainConfig, ds_cfg: dict, layout: ParallelLayout) -> tuple
                               activation_checkpoint_interval=interval)
 
     if stage != 3:
-        model, notes = build_lean(make, layout, cfg.parallel.pipeline_partition, t.init_from)
+        saved = (lambda whole: initial_weights_reader(whole, t.init_from)) if t.init_from else None
+        model, notes = build_lean(make, layout, cfg.parallel.pipeline_partition, saved)
     else:  # partitioned over the data-parallel group that the engine will use
         with deepspeed.zero.Init(config_dict_or_path=ds_cfg, data_parallel_group=layout.dp_group, mpu=layout.grid):
             model = make()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mtplm.config import ConfigError, config_error_exit, from_dict, load_config, parse_overrides, to_dict
 from mtplm.data.config import DataConfig
@@ -17,7 +16,7 @@ from mtplm.model.config import ModelConfig
 
 # The loading functions are re-exported: training code and its tests take them from here with TrainConfig.
 __all__ = ["ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "TrainLoopConfig", "ParallelConfig", "TrainConfig",
-           "load_config", "from_dict", "to_dict", "parse_overrides", "config_error_exit", "check_input_files"]
+           "load_config", "from_dict", "to_dict", "parse_overrides", "config_error_exit"]
 
 
 @dataclass
@@ -58,9 +57,9 @@ class TrainLoopConfig:
     activation_checkpoint_interval: int = 1  # consecutive trunk blocks per recomputed unit ("full" policy)
     # "full": whole trunk blocks (in units of activation_checkpoint_interval) keep only their input; "selective":
     # every trunk block keeps its matmul and attention outputs and recomputes the rest (norms, rotary, SwiGLU
-    # gating, residual adds), as torchtitan's op-level mode (pretrain/recompute.py).
+    # gating, residual adds), as torchtitan's op-level mode (parallel/recompute.py).
     activation_checkpoint_policy: str = "full"
-    compile: bool = False  # torch.compile each transformer block and the cross-entropy's chunk (pretrain/compile.py)
+    compile: bool = False  # torch.compile each transformer block and the cross-entropy's chunk (parallel/compile.py)
     compile_backend: str = "inductor"  # torch.compile's backend: "aot_eager" traces the same graphs, no codegen
     seed: int = 1234
     log_interval: int = 10
@@ -70,7 +69,8 @@ class TrainLoopConfig:
     save_interval: int = 0  # 0: save only at the end
     keep_last: int = 3
     resume: str = "none"  # "none", "auto" (newest complete checkpoint in out_dir), or a checkpoint path
-    # Start from a consolidated model's weights (not its optimizer); n_future_tokens may differ (see init_from.py).
+    # Start from a consolidated model's weights (not its optimizer); n_future_tokens may differ
+    # (see checkpointing/init_from.py).
     init_from: str | None = None
     save_final: bool = True
     deepspeed_config: str | None = None  # JSON; also accepted as --deepspeed_config (the launcher's spelling)
@@ -169,68 +169,3 @@ class TrainConfig:
             raise ConfigError(f"parallel.tensor: the padded vocabulary ({m.padded_vocab_size}) is not divisible by "
                               f"{tp}; set model.vocab_pad_multiple to {multiple} (a multiple of {tp} and of "
                               f"{m.vocab_pad_multiple})")
-
-
-def check_input_files(cfg: TrainConfig, datasets: bool = True) -> None:
-    """What needs no process group is checked when the config loads, before DeepSpeed starts: the files the run
-    reads exist. `datasets`: the run reads cfg.data (not when a caller brings its own loaders)."""
-    from mtplm.data.loader import check_dataset
-    from mtplm.inference.task_eval import read_tasks
-    from mtplm.data.manifest import resolve_shards
-    from mtplm.data.tokenizer import BYTE_TOKENIZER, load_tokenizer
-    from mtplm.model.weights import PARAMS_FILE, WEIGHTS_FILE
-
-    from .checkpoint import checkpoint_dir, complete_tags, resolve_resume
-
-    d, t = cfg.data, cfg.train
-    if datasets:
-        if not d.datasets:
-            raise ConfigError("data.datasets: empty; give dataset folders or prefixes written by mtp-preprocess")
-        for k, spec in enumerate(d.datasets):
-            try:
-                prefixes, _ = resolve_shards(spec)
-            except (OSError, ValueError, KeyError) as e:
-                raise ConfigError(f"data.datasets[{k}]: {e}") from None
-            for prefix in prefixes:
-                for ext in (".idx", ".bin"):
-                    if not Path(f"{prefix}{ext}").is_file():
-                        raise ConfigError(f"data.datasets[{k}]: {spec}: shard {prefix}{ext} is missing")
-    tokenizer = None
-    if d.tokenizer and d.tokenizer != BYTE_TOKENIZER and not Path(d.tokenizer).is_file():
-        raise ConfigError(f"data.tokenizer: {d.tokenizer} is not a file (a SentencePiece .model, or "
-                          f"'{BYTE_TOKENIZER}' for the byte-level tokenizer)")
-    if d.tokenizer:
-        try:
-            tokenizer = load_tokenizer(d.tokenizer)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"data.tokenizer: {e}") from None
-    if datasets:  # what the manifests say against the model and tokenizer; a scan of unlabelled data waits
-        for k in range(len(d.datasets)):
-            try:
-                check_dataset(d, k, cfg.model.vocab_size, tokenizer.sha256 if tokenizer else None, scan=False)
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"data.datasets[{k}]: {e}") from None
-    out = Path(t.out_dir)
-    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise ConfigError(f"train.out_dir: {t.out_dir}: {blocker} is a file, not a folder")
-    if t.init_from and not all((Path(t.init_from) / f).is_file() for f in (PARAMS_FILE, WEIGHTS_FILE)):
-        raise ConfigError(f"train.init_from: {t.init_from} is not a consolidated model folder (needs {PARAMS_FILE} "
-                          f"and {WEIGHTS_FILE}; mtp-export or the end of training writes one)")
-    try:
-        resolve_resume(t.resume, t.out_dir)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    if t.eval_tasks and not d.tokenizer:
-        raise ConfigError("train.eval_tasks: needs data.tokenizer (the prompts and answers are text)")
-    for k, path in enumerate(t.eval_tasks):
-        try:
-            read_tasks(path)
-        except ValueError as e:
-            raise ConfigError(f"train.eval_tasks[{k}]: {e}") from None
-    # A re-run of the same command must not silently train over a run's checkpoints from step 0.
-    done = complete_tags(checkpoint_dir(out)) if t.resume == "none" and checkpoint_dir(out).is_dir() else []
-    if done:
-        raise ConfigError(f"train.out_dir: {out} already holds this or another run's checkpoints (newest "
-                          f"{done[-1]}); pass --train.resume auto to continue it, or choose another train.out_dir "
-                          f"(or delete {out} to start over)")

@@ -22,13 +22,13 @@ import torch.distributed as dist
 
 from mtplm.inference.acceptance import acceptance_counts
 
+from .checkpointing.reshard import wrapper_masters
 from .config import TrainConfig
 from .ds_config import precision, zero_stage
 from .lr_schedule import scheduler_factory
-from .parallel_layout import ParallelLayout
-from .pipeline import build_pipeline_module, gather_pipeline_state_dict
-from .reshard import wrapper_masters
-from .tensor_parallel import gather_full_state_dict
+from .parallel.layout import ParallelLayout
+from .parallel.pipeline import build_pipeline_module, gather_pipeline_state_dict
+from .parallel.tensor_parallel import gather_full_state_dict
 
 
 def ds_grad_ready_hook(params, ready: bool) -> None:

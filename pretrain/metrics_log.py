@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 
@@ -39,6 +41,19 @@ def format_metrics(step: int, total_steps: int, m: dict) -> str:
     if "peak_mem_gb" in m:
         parts.append(f"mem {m['peak_mem_gb']:.1f}GB")
     return " | ".join(parts)
+
+
+def read_figures(pending: list[tuple[int, dict]], device) -> None:
+    """The buffered steps' figures (device tensors: reading each would make the host wait for the device) replaced
+    by their values, read in one copy: the loop's only wait for the device between log steps."""
+    keys = ("loss", "head_losses", "grad_norm")
+    tensors = [m[k] for _, m in pending for k in keys if isinstance(m[k], torch.Tensor)]
+    values = iter(torch.cat([v.detach().to(device, torch.float64).reshape(-1) for v in tensors]).tolist())
+    for _, m in pending:
+        for k in keys:  # in the copy's order; DeepSpeed's grad norm may be a float already
+            if isinstance(m[k], torch.Tensor):
+                got = [next(values) for _ in range(m[k].numel())]
+                m[k] = got if m[k].dim() else got[0]
 
 
 def _step_of(line: str) -> float:
@@ -75,6 +90,21 @@ class MetricsLogger:
         self.jsonl = open(self.path, "a")
         if self.bar is not None:
             self.bar.n = self.bar.last_print_n = step
+
+    def write_steps(self, pending: list[tuple[int, dict]], window: dict, log_interval: int,
+                    records: list[dict]) -> None:
+        """The buffered steps' records (figures read: read_figures), one per step, in order, each with the window's
+        throughput, also appended to `records`; echoed every log_interval steps and at the last. A non-finite loss
+        stops the run after the records before it. Empties `pending`."""
+        try:
+            for step, m in pending:
+                if not math.isfinite(m["loss"]):
+                    raise FloatingPointError(f"loss is {m['loss']} at step {step}")
+                m.update(window)
+                records.append({"step": step, **m})
+                self.write(step, "train", m, echo=step % log_interval == 0 or step == self.total_steps)
+        finally:
+            pending.clear()
 
     def write(self, step: int, kind: str, metrics: dict, echo: bool) -> None:
         if self.rank != 0:

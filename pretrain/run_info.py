@@ -10,8 +10,8 @@ import torch
 from mtplm.data.fingerprint import describe, digest
 from mtplm.model.flops import count_params, flops_per_token
 
-from .compile import describe as describe_compile
 from .config import TrainConfig
+from .parallel.compile import describe as describe_compile
 
 # Dense bf16 peak of common accelerators, for MFU; override with train.peak_tflops.
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}

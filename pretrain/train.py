@@ -13,13 +13,12 @@ import sys
 from pathlib import Path
 
 # Run as a file (the deepspeed launcher's way), Python puts pretrain/ first on sys.path, where config.py
-# and checkpoint.py would shadow any top-level module of those names. Imports here are all mtplm.*.
+# and its neighbours would shadow any top-level module of those names. Imports here are all mtplm.*.
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
-from mtplm.pretrain.config import ConfigError, TrainConfig, check_input_files, config_error_exit, load_config
-from mtplm.pretrain.ds_config import build_ds_config
-from mtplm.pretrain.parallel_layout import check_world_size
+from mtplm.pretrain.config import ConfigError, TrainConfig, config_error_exit, load_config
+from mtplm.pretrain.preflight import check_input_files, check_layout
 
 
 def parse_args(argv: list[str] | None = None, check_datasets: bool = False) -> TrainConfig:
@@ -40,9 +39,7 @@ def parse_args(argv: list[str] | None = None, check_datasets: bool = False) -> T
     try:
         cfg = load_config(TrainConfig, args.config, overrides)
         # The layout first (world size, ZeRO stage against pipeline stages), then the files it would read.
-        import torch
-
-        build_ds_config(cfg, cfg.train.deepspeed_config, check_world_size(cfg), not torch.cuda.is_available())
+        check_layout(cfg)
         check_input_files(cfg, datasets=check_datasets)
     except ConfigError as e:
         config_error_exit(e, "mtp-train")
@@ -58,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"mtp-train: {e}", file=sys.stderr)
         return 2
-    from mtplm.pretrain.checkpoint import CheckpointSaveError
+    from mtplm.pretrain.checkpointing.checkpoint import CheckpointSaveError
 
     try:
         result = trainer.train()

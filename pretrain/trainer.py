@@ -1,31 +1,29 @@
 """The training loop: build, (resume,) train, validate, log, checkpoint. How a step runs on DeepSpeed, for each
-layout, is engine.py's."""
+layout, is engine.py's; what a layout applies to the model is parallel/'s; checkpoints are checkpointing/'s."""
 
 from __future__ import annotations
 
-import itertools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from mtplm.inference.acceptance import AcceptanceCounts
-
 from .build_model import build_model, local_parameter_count
-from .checkpoint import (CHANGES_KEY, DATA_KEY, CheckpointSaveError, checkpoint_dir, decide_resume, load_checkpoint,
-                         save_checkpoint)
+from .checkpointing.checkpoint import (CHANGES_KEY, DATA_KEY, CheckpointSaveError, checkpoint_dir, decide_resume,
+                                       load_checkpoint, save_checkpoint)
 from .config import TrainConfig
 from .consistency import agree_on_data, check_shared_folder
 from .distributed import DistInfo, init_distributed
-from .ds_config import build_ds_config, precision, zero_stage
+from .ds_config import precision, zero_stage
 from .engine import build_engine
-from .metrics_log import MetricsLogger
-from .parallel_layout import build_layout, check_world_size
+from .evaluation import TaskAccuracy, validate
+from .metrics_log import MetricsLogger, read_figures
+from .parallel.layout import build_layout
 from .preemption import StopSignal
+from .preflight import check_layout
 from .run_info import Throughput, startup_lines
-from .task_accuracy import TaskAccuracy
+
 
 @dataclass
 class TrainResult:
@@ -53,10 +51,7 @@ class Trainer:
     def _build(self, cfg: TrainConfig, data_loaders, dist_info: DistInfo | None) -> None:
         self.cfg = cfg
         t = cfg.train
-        # Everything that can be refused is checked before any process group exists.
-        self.dp_world = check_world_size(cfg, dist_info.world_size if dist_info else None)
-        on_cpu = dist_info.on_cpu if dist_info else not torch.cuda.is_available()
-        ds_cfg = build_ds_config(cfg, t.deepspeed_config, self.dp_world, on_cpu)
+        self.dp_world, ds_cfg = check_layout(cfg, dist_info)  # refused before any process group exists
         self.dist = dist_info or init_distributed()
         self.stop.connect()
         self.layout = build_layout(cfg, self.dist.rank, self.dist.world_size)
@@ -90,11 +85,13 @@ class Trainer:
             for change in state[CHANGES_KEY]:
                 self.logger.info(f"resumed with {change}")
         self.logger.start_at(self.step)  # records past the checkpoint belong to the run being replaced
-        self.task_accuracy = TaskAccuracy(cfg, self.steps, self.layout.tensor.rank == 0 and self.layout.dp_rank == 0,
-                                          self.dist.rank == 0)
+        self.task_accuracy = TaskAccuracy(cfg, self.steps, self.layout.gathers_weights, self.dist.rank == 0)
         build = data_loaders or self._build_loaders
         self.train_loader, self.valid_loader = build(self.consumed_samples, self.layout.dp_rank, self.dp_world)
-        self._describe()
+        for line in [*startup_lines(cfg, self.dist, self.layout, self.dp_world, self.data_fingerprint,
+                                    self.zero_stage, self.precision, self.local_params, self.total_params),
+                     *self.steps.describe()]:
+            self.logger.info(line)
 
     def _build_loaders(self, consumed_samples: int, dp_rank: int, dp_world: int):
         from mtplm.data.loader import build_data_loaders
@@ -107,13 +104,6 @@ class Trainer:
             dp_world_size=dp_world, consumed_train_samples=consumed_samples,
             pin_memory=not self.dist.on_cpu, tokenizer_sha256=tok_sha)
 
-    def _describe(self) -> None:
-        for line in startup_lines(self.cfg, self.dist, self.layout, self.dp_world, self.data_fingerprint,
-                                  self.zero_stage, self.precision, self.local_params, self.total_params):
-            self.logger.info(line)
-        for line in self.steps.describe():
-            self.logger.info(line)
-
     def train_step(self, batches) -> dict:
         """One optimizer step. Its figures stay device tensors (reading them would make the host wait for the
         device) until _flush() reads every buffered step's at once."""
@@ -123,50 +113,14 @@ class Trainer:
                 "grad_norm": grad_norm if grad_norm is not None else float("nan")}
 
     def _flush(self, pending: list[tuple[int, dict]], throughput: Throughput, result: TrainResult) -> None:
-        """The buffered steps' figures to the host in one copy (the loop's only wait for the device between log
-        steps), then their records, one per step, in order. tokens/s is the window's: single steps are not timed
-        (the host runs ahead of the device). A non-finite loss stops the run after the records before it."""
+        """The buffered steps' figures to the host in one copy, then their records. tokens/s is the window's:
+        single steps are not timed (the host runs ahead of the device)."""
         if not pending:
             return
-        t = self.cfg.train
-        tensors = [v for _, m in pending for v in (m["loss"], m["head_losses"], m["grad_norm"])
-                   if isinstance(v, torch.Tensor)]
-        values = iter(torch.cat([v.detach().to(self.engine.device, torch.float64).reshape(-1)
-                                 for v in tensors]).tolist())
+        read_figures(pending, self.engine.device)
         self.mtp_loss.check_grad_scale()  # the sequential loss's backward checks, read here for the same reason
         window = throughput.measure(pending[-1][0], self.samples_per_step * self.cfg.data.seq_len)
-
-        def take(v):  # a tensor's values from the copy, in order (DeepSpeed's grad norm may be a float already)
-            if not isinstance(v, torch.Tensor):
-                return v
-            got = [next(values) for _ in range(v.numel())]
-            return got if v.dim() else got[0]
-
-        for step, m in pending:
-            m.update(loss=take(m["loss"]), head_losses=take(m["head_losses"]), grad_norm=take(m["grad_norm"]))
-            if not math.isfinite(m["loss"]):
-                pending.clear()
-                raise FloatingPointError(f"loss is {m['loss']} at step {step}")
-            m.update(window)
-            result.train_log.append({"step": step, **m})
-            self.logger.write(step, "train", m, echo=step % t.log_interval == 0 or step == t.steps)
-        pending.clear()
-
-    @torch.no_grad()
-    def evaluate(self) -> dict | None:
-        if self.valid_loader is None or self.cfg.train.eval_iters == 0:
-            return None
-        # The validation split may hold fewer than eval_iters micro-batches (the pipeline engine must be told).
-        batches = list(itertools.islice(iter(self.valid_loader), self.cfg.train.eval_iters))
-        if not batches:
-            return None
-        with_acceptance = self.cfg.model.n_future_tokens > 1
-        head_losses, acceptance = self.steps.evaluate(batches, with_acceptance)
-        weights = torch.tensor(self.cfg.model.loss_weights)
-        result = {"loss": float((weights * head_losses).sum()), "head_losses": [float(x) for x in head_losses]}
-        if acceptance is not None:  # a mean of counts over replicas: the same ratios as their sum
-            result.update(AcceptanceCounts.from_tensor(acceptance).metrics())
-        return result
+        self.logger.write_steps(pending, window, self.cfg.train.log_interval, result.train_log)
 
     def save(self) -> None:
         try:
@@ -186,7 +140,7 @@ class Trainer:
         extra = {}
         if self.cfg.data.tokenizer and Path(self.cfg.data.tokenizer).is_file():
             extra["tokenizer.model"] = self.cfg.data.tokenizer
-        state = self.steps.full_state_dict(keep=self.layout.tensor.rank == 0 and self.layout.dp_rank == 0)
+        state = self.steps.full_state_dict(keep=self.layout.gathers_weights)
         if self.dist.rank == 0:
             save_weights(self.cfg.model, state, folder, extra)
         dist.barrier()
@@ -214,7 +168,7 @@ class Trainer:
                         or self.task_accuracy.due(self.step)):
                     self._flush(pending, throughput, result)
                 if eval_due:
-                    ev = self.evaluate()
+                    ev = validate(cfg, self.steps, self.valid_loader)
                     if ev is not None:
                         result.eval_log.append({"step": self.step, **ev})
                         self.logger.write(self.step, "valid", ev, echo=True)

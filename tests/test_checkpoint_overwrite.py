@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from mtplm.pretrain.checkpoint import COMPLETE, LATEST, checkpoint_dir, resolve_resume, save_checkpoint, tag_for
+from mtplm.pretrain.checkpointing.checkpoint import (COMPLETE, LATEST, checkpoint_dir, resolve_resume, save_checkpoint,
+                                                  tag_for)
 from mtplm.pretrain.config import TrainConfig
 
 

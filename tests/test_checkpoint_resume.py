@@ -14,8 +14,8 @@ from conftest import tiny_model_config
 from dist_launch import REPO, run_ranks
 from mtplm.model.transformer import MTPTransformer
 from mtplm.model.weights import save_model
-from mtplm.pretrain.checkpoint import COMPLETE, LATEST, resolve_resume
-from mtplm.pretrain.init_from import load_initial_weights
+from mtplm.pretrain.checkpointing.checkpoint import COMPLETE, LATEST, resolve_resume
+from mtplm.pretrain.checkpointing.init_from import load_initial_weights
 
 TINY = {
     "model": {"dim": 64, "n_layers": 5, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 200, "multiple_of": 16,

@@ -1,4 +1,4 @@
-"""train.compile (pretrain/compile.py): compiled blocks train exactly like eager ones, in-process for every
+"""train.compile (pretrain/parallel/compile.py): compiled blocks train exactly like eager ones, in-process for every
 activation-checkpointing policy, and under the real trainer for each parallel layout (test_compile_layouts.py).
 Kept tiny (dim 32): inductor compiles for the CPU with gcc, and one block graph serves every block and test."""
 
@@ -10,8 +10,8 @@ from torch._dynamo.utils import counters
 
 from conftest import tiny_model_config
 from mtplm.model.transformer import MTPTransformer, apply_activation_checkpointing
-from mtplm.pretrain.compile import apply_compile
-from mtplm.pretrain.recompute import apply_selective_recompute
+from mtplm.pretrain.parallel.compile import apply_compile
+from mtplm.pretrain.parallel.recompute import apply_selective_recompute
 
 CFG = tiny_model_config(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64, n_future_tokens=2,
                         max_seq_len=32)

@@ -61,7 +61,7 @@ def test_bad_files_are_named(tmp_path):
 
 
 def test_out_dir_under_a_file_is_refused_at_load(tmp_path):
-    from mtplm.pretrain.config import check_input_files
+    from mtplm.pretrain.preflight import check_input_files
 
     (tmp_path / "f").write_text("")
     for out_dir in (tmp_path / "f", tmp_path / "f" / "run"):

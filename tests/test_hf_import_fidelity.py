@@ -308,7 +308,7 @@ def test_missing_hf_shard_is_named(tmp_path, capsys):
 
 
 def test_pipeline_stages_use_the_models_rope():
-    from mtplm.pretrain.pipeline import rope_for
+    from mtplm.pretrain.parallel.pipeline import rope_for
 
     model = MTPTransformer(tiny_model_config(rope_scaling=RopeScaling(**ROPE["llama3"])))
     h = torch.zeros(1, 100, model.cfg.dim)

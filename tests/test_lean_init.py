@@ -1,4 +1,4 @@
-"""The lean build (pretrain/lean_init.py): under ZeRO-0/1/2 a rank materialises only its pipeline stage and its
+"""The lean build (pretrain/parallel/lean_init.py): under ZeRO-0/1/2 a rank materialises only its pipeline stage and its
 tensor shards, one full tensor at a time, with exactly the values of the whole single-process build from the same
 seed (or of init_from loaded into it). The training comparisons of test_tensor_parallel.py and
 test_pipeline_parallel.py hold end to end; here each rank's tensors are compared directly, and what it
@@ -15,9 +15,9 @@ from dist_launch import run_ranks
 from dist_training import TINY, ds_json, tiny_with
 from mtplm.model.transformer import MTPTransformer
 from mtplm.model.weights import save_model
-from mtplm.pretrain.lean_init import build_lean
-from mtplm.pretrain.parallel_layout import ParallelLayout
-from mtplm.pretrain.tensor_parallel import TensorParallel
+from mtplm.pretrain.parallel.lean_init import build_lean
+from mtplm.pretrain.parallel.layout import ParallelLayout
+from mtplm.pretrain.parallel.tensor_parallel import TensorParallel
 
 SINGLE = ParallelLayout(TensorParallel(None, 0, 1), 0, 1, None, None, None)
 

@@ -21,7 +21,7 @@ from mtplm.data.config import DataConfig
 from mtplm.data.fingerprint import data_fingerprint, differences, digest
 from mtplm.data.indexed_dataset import IndexedDatasetWriter, token_dtype
 from mtplm.data.synthetic import write_token_dataset
-from mtplm.pretrain.checkpoint import DATA_KEY, data_problem
+from mtplm.pretrain.checkpointing.checkpoint import DATA_KEY, data_problem
 from test_checkpoint_resume import metrics
 
 VOCAB = 200
@@ -162,7 +162,7 @@ DECIDE = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
     import torch.distributed as dist
-    from mtplm.pretrain.checkpoint import decide_resume
+    from mtplm.pretrain.checkpointing.checkpoint import decide_resume
     from mtplm.pretrain.config import TrainConfig
     from mtplm.pretrain.consistency import RunRefused, agree_on_data, check_shared_folder
 

@@ -15,7 +15,7 @@ from mtplm.data.synthetic import write_token_dataset
 from mtplm.pretrain.config import ConfigError, TrainConfig, from_dict
 from mtplm.conversion.consolidate import consolidated_state_dict
 from mtplm.pretrain.ds_config import build_ds_config
-from mtplm.pretrain.pipeline import meta_name
+from mtplm.pretrain.parallel.pipeline import meta_name
 
 distributed = pytest.mark.distributed
 

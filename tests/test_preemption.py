@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from dist_launch import REPO, free_port, run_ranks
 from mtplm.data.synthetic import write_token_dataset
-from mtplm.pretrain.checkpoint import COMPLETE, LATEST
+from mtplm.pretrain.checkpointing.checkpoint import COMPLETE, LATEST
 from mtplm.pretrain.preemption import StopSignal
 from test_checkpoint_resume import TINY, metrics
 

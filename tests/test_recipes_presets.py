@@ -5,7 +5,7 @@ import pytest
 
 from mtplm.config import ConfigError, from_dict
 from mtplm.pretrain.config import TrainConfig
-from mtplm.pretrain.parallel_layout import check_world_size
+from mtplm.pretrain.parallel.layout import check_world_size
 from mtplm.recipes.presets import PRESETS, with_changes
 from mtplm.recipes.report import summarise, verdict
 from mtplm.recipes.run import model_config, train_config

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import tiny_model_config
 from mtplm.model.transformer import MTPTransformer, apply_activation_checkpointing, rope_for
 from mtplm.pretrain.config import ConfigError, TrainConfig, from_dict
-from mtplm.pretrain.recompute import apply_selective_recompute
+from mtplm.pretrain.parallel.recompute import apply_selective_recompute
 
 CFG = tiny_model_config(n_layers=7, n_future_tokens=2, vocab_size=64, max_seq_len=128)  # 5 trunk blocks
 

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from dist_launch import run_ranks
 from dist_training import TINY, ds_json
 from mtplm.conversion.consolidate import consolidated_state_dict
-from mtplm.pretrain.checkpoint import COMPLETE, checkpoint_dir, save_checkpoint, tag_for
+from mtplm.pretrain.checkpointing.checkpoint import COMPLETE, checkpoint_dir, save_checkpoint, tag_for
 from mtplm.pretrain.config import TrainConfig
-from mtplm.pretrain.reshard import UNIVERSAL, plan_batch, universal_state
+from mtplm.pretrain.checkpointing.reshard import UNIVERSAL, plan_batch, universal_state
 
 WORKER = "tests/workers/train_synthetic.py"
 # Global batch 8 in every layout: micro-batch 2 x accumulation x data-parallel size.

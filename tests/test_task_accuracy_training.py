@@ -58,7 +58,8 @@ def test_task_accuracy_during_training_equals_mtp_eval_on_the_written_model(tmp_
 
 def test_task_files_are_checked_at_config_load(tmp_path):
     from mtplm.config import ConfigError
-    from mtplm.pretrain.config import TrainConfig, check_input_files, from_dict
+    from mtplm.pretrain.config import TrainConfig, from_dict
+    from mtplm.pretrain.preflight import check_input_files
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n')

@@ -16,7 +16,7 @@ from dist_launch import REPO
 from dist_training import TINY, assert_matches, ds_json, params_held, tiny_with, train
 from mtplm.pretrain.config import ConfigError, TrainConfig, from_dict
 from mtplm.conversion.consolidate import consolidated_state_dict
-from mtplm.pretrain.parallel_layout import check_world_size
+from mtplm.pretrain.parallel.layout import check_world_size
 
 distributed = pytest.mark.distributed
 

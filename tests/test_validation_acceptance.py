@@ -13,7 +13,7 @@ from dist_launch import REPO, run_ranks
 from mtplm.inference.acceptance import acceptance_counts
 from mtplm.model.transformer import MTPTransformer
 from mtplm.model.weights import load_model
-from mtplm.pretrain.pipeline import HeadsStage, PipelineLoss
+from mtplm.pretrain.parallel.pipeline import HeadsStage, PipelineLoss
 
 
 @pytest.mark.parametrize("loss_impl", ["sequential", "naive"])

@@ -22,9 +22,9 @@ from mtplm.model.transformer import MTPTransformer
 from mtplm.pretrain.build_model import build_model
 from mtplm.pretrain.distributed import init_distributed
 from mtplm.pretrain.ds_config import build_ds_config
-from mtplm.pretrain.init_from import load_initial_weights
-from mtplm.pretrain.parallel_layout import build_layout
-from mtplm.pretrain.pipeline import build_pipeline_module
+from mtplm.pretrain.checkpointing.init_from import load_initial_weights
+from mtplm.pretrain.parallel.layout import build_layout
+from mtplm.pretrain.parallel.pipeline import build_pipeline_module
 from mtplm.pretrain.train import parse_args
 
 

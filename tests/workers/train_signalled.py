@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from train_synthetic import SyntheticLoader, pop_flag
 
-from mtplm.pretrain import checkpoint
+from mtplm.pretrain.checkpointing import checkpoint
 from mtplm.pretrain.distributed import init_distributed
 from mtplm.pretrain.train import exit_status, parse_args
 from mtplm.pretrain.trainer import Trainer

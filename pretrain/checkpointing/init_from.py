@@ -5,8 +5,9 @@ of the saved head 1's block (a new head starts as the block it branches beside).
 are dropped: continuing a 4-token model with n'=1 is the paper's best CodeContests fine-tuning recipe.
 
 Imports deepspeed for zero.GatheredParameters: under ZeRO-3 the weights are read into a model already
-partitioned by zero.Init (see build_model.py), one parameter at a time. Under ZeRO-0/1/2 the lean build
-(lean_init.py) reads only the rank's slices (its pipeline stage, its tensor shards), one at a time.
+partitioned by zero.Init (see pretrain/build_model.py), one parameter at a time. Under ZeRO-0/1/2 the lean build
+(parallel/lean_init.py) reads only the rank's slices (its pipeline stage, its tensor shards) through
+initial_weights_reader, one at a time.
 """
 
 from __future__ import annotations
@@ -26,11 +27,19 @@ def _head_prefix(n_main: int, k: int) -> str:
 
 def load_initial_weights(model, path: str | Path) -> list[str]:
     """Load weights into `model` in place (whole parameters, or ZeRO-3 partitions); returns notes on what was
-    adapted. The lean build (lean_init.py) reads only its local slices instead, through the same checks."""
+    adapted. The lean build (parallel/lean_init.py) reads only its local slices instead, through the same checks."""
+    read, notes = initial_weights_reader(model, path)
+    _copy_parameters(model, read)
+    return notes
+
+
+def initial_weights_reader(model, path: str | Path):
+    """(read, notes): saved_weights_reader's read() for `model`'s parameters (whole, before ZeRO-3 or tensor
+    parallelism cut them; the model may still be on the meta device), after every check, and notes on what was
+    adapted."""
     source, notes = initial_weight_sources(model, path)
     shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
-    _copy_parameters(model, Path(path) / WEIGHTS_FILE, source, shapes, model.cfg.tie_embeddings)
-    return notes
+    return saved_weights_reader(Path(path) / WEIGHTS_FILE, source, shapes, model.cfg.tie_embeddings), notes
 
 
 def initial_weight_sources(model, path: str | Path) -> tuple[dict[str, str], list[str]]:
@@ -99,14 +108,13 @@ def saved_weights_reader(weights_file: Path, source: dict[str, str], shapes: dic
     return read
 
 
-def _copy_parameters(model, weights_file: Path, source: dict[str, str], shapes: dict[str, tuple], tied: bool) -> None:
+def _copy_parameters(model, read) -> None:
     """One tensor at a time, read lazily from the file: a ZeRO-3 partitioned parameter is gathered, set on
     data-parallel rank 0 (the only rank that reads it), broadcast and partitioned again; GatheredParameters is a
     no-op on plain parameters, which every rank sets."""
     import deepspeed
     import torch.distributed as dist
 
-    read = saved_weights_reader(weights_file, source, shapes, tied)
     for name, p in model.named_parameters():
         reads = not hasattr(p, "ds_id") or dist.get_rank(group=p.ds_process_group) == 0
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig
 from .tensor_parallel import TensorParallel
 
 
@@ -55,6 +55,12 @@ class ParallelLayout:
     @property
     def pipeline(self) -> bool:
         return self.grid is not None and self.grid.pipe_parallel_size > 1
+
+    @property
+    def gathers_weights(self) -> bool:
+        """This rank receives its stage's full weights when they are gathered (tensor rank 0 of data-parallel
+        rank 0); with one stage, global rank 0 is such a rank."""
+        return self.tensor.rank == 0 and self.dp_rank == 0
 
 
 def build_layout(cfg: TrainConfig, rank: int, world_size: int) -> ParallelLayout:

@@ -1,19 +1,46 @@
-"""Task accuracy during training (train.eval_tasks): every eval_tasks_interval steps, the model's current weights
-are gathered (collective, as for final/), and rank 0 completes each task file's prompts greedily and scores them
-exactly as `mtp-eval --tasks` does (inference/task_eval.py); the other ranks wait. Each figure is logged as
+"""Evaluation during training.
+
+Validation (train.eval_interval): the loss per head on train.eval_iters micro-batches of the validation split, and
+with more than one head the teacher-forced draft acceptance, in every layout (the engine's step strategy computes
+both).
+
+Task accuracy (train.eval_tasks): every eval_tasks_interval steps, the model's current weights are gathered
+(collective, as for final/), and rank 0 completes each task file's prompts greedily and scores them exactly as
+`mtp-eval --tasks` does (inference/task_eval.py); the other ranks wait. Each figure is logged as
 `<file stem>/accuracy` and `<file stem>/<field>=<value>/accuracy` for each grouping field."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from mtplm.data.tokenizer import load_tokenizer
+from mtplm.inference.acceptance import AcceptanceCounts
 from mtplm.inference.task_eval import evaluate_tasks, read_tasks
 from mtplm.model.weights import model_from_state_dict
 
 from .config import TrainConfig
+
+
+@torch.no_grad()
+def validate(cfg: TrainConfig, steps, valid_loader) -> dict | None:
+    """Collective: the validation figures, or None without a validation split."""
+    if valid_loader is None or cfg.train.eval_iters == 0:
+        return None
+    # The validation split may hold fewer than eval_iters micro-batches (the pipeline engine must be told).
+    batches = list(itertools.islice(iter(valid_loader), cfg.train.eval_iters))
+    if not batches:
+        return None
+    with_acceptance = cfg.model.n_future_tokens > 1
+    head_losses, acceptance = steps.evaluate(batches, with_acceptance)
+    weights = torch.tensor(cfg.model.loss_weights)
+    result = {"loss": float((weights * head_losses).sum()), "head_losses": [float(x) for x in head_losses]}
+    if acceptance is not None:  # a mean of counts over replicas: the same ratios as their sum
+        result.update(AcceptanceCounts.from_tensor(acceptance).metrics())
+    return result
 
 
 class TaskAccuracy:

@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 from mtplm.data.fingerprint import TOKENIZER, differences
 
-from .config import TrainConfig, to_dict
-from .consistency import broadcast, refuse_together, stop_together
+from ..config import TrainConfig, to_dict
+from ..consistency import broadcast, refuse_together, stop_together
 from .reshard import (CHANGES_KEY, UNIVERSAL, ReshardError, layout_changes, load_universal, needs_reshard,
                       plan_batch, saved_layout, write_universal)
 

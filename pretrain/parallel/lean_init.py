@@ -14,7 +14,8 @@ largest. Every rank's slices are those of the single-process model built from th
 `train.init_from` nothing is drawn: each kept slice is read alone from the safetensors file.
 
 Parameters of other pipeline stages stay on the meta device; the pipeline module drops their layers. ZeRO-3
-builds under zero.Init instead (build_model.py), which partitions every module as soon as it exists.
+builds under zero.Init instead (pretrain/build_model.py), which partitions every module as soon as it exists.
+Where saved weights come from is the caller's (checkpointing/init_from.py): the build only asks for slices.
 """
 
 from __future__ import annotations
@@ -22,32 +23,30 @@ from __future__ import annotations
 import math
 import mmap
 from collections import defaultdict
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from mtplm.model.weights import WEIGHTS_FILE
-
-from .init_from import initial_weight_sources, saved_weights_reader
-from .parallel_layout import ParallelLayout
+from .layout import ParallelLayout
 from .pipeline import stage_parameters
 from .tensor_parallel import apply_tensor_parallel
 
 
 def build_lean(make_model: Callable[[], nn.Module], layout: ParallelLayout, partition_method: str,
-               init_from: str | Path | None = None) -> tuple[nn.Module, list[str]]:
+               initial_weights: Callable | None = None) -> tuple[nn.Module, list[str]]:
     """make_model() constructs the whole model (an MTPTransformer); returns the rank's model, cut for tensor
     parallelism, its kept parameters materialised on the default device and the others on the meta device, and
-    init_from's notes (see init_from.py)."""
+    notes on how saved weights were adapted. initial_weights(model), given the whole model on the meta device,
+    returns (read, notes) when the weights are read rather than drawn: read(name, dim, start, stop) is the saved
+    parameter, or its [start:stop] along dim."""
     with torch.device("meta"):
         model = make_model()
     if any(True for _ in model.buffers()):
         raise TypeError(f"{type(model).__name__} has buffers, which the lean build does not initialise")
     order = _initialisation_order(model)  # taken before tensor parallelism replaces the modules
     full_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    source, notes = initial_weight_sources(model, init_from) if init_from else (None, [])
+    read, notes = initial_weights(model) if initial_weights else (None, [])
     tp = layout.tensor
     apply_tensor_parallel(model, tp)
     if layout.pipeline:
@@ -67,8 +66,7 @@ def build_lean(make_model: Callable[[], nn.Module], layout: ParallelLayout, part
         for module, attr in owners[id(p)]:
             module._parameters[attr] = new
 
-    if init_from:
-        read = saved_weights_reader(Path(init_from) / WEIGHTS_FILE, source, full_shapes, model.cfg.tie_embeddings)
+    if read is not None:
         for name, p in list(model.named_parameters()):
             if id(p) not in kept:
                 continue

@@ -37,8 +37,8 @@ from safetensors.torch import save_file
 
 from mtplm.model.weights import model_config_from_json
 
-from .pipeline import meta_name
-from .tensor_parallel import merge_tensor_parallel_shards
+from ..parallel.pipeline import meta_name
+from ..parallel.tensor_parallel import merge_tensor_parallel_shards
 
 UNIVERSAL = "universal"
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")

@@ -8,7 +8,7 @@ full row of logits. Norm weights are replicated; their gradients come out identi
 gradient entering each column-parallel layer is all-reduced.
 
 The same layers serve the data-parallel layout and the pipeline layout: the process group comes from
-DeepSpeed's pipe/data/model topology (see parallel_layout.py). The cut is made on the meta device under
+DeepSpeed's pipe/data/model topology (see layout.py). The cut is made on the meta device under
 ZeRO-0/1/2 (lean_init.py then draws each full weight from the same seed and keeps the rank's slice) and on the
 built weights under ZeRO-3, so a tensor-parallel run starts from exactly the single-process model.
 
@@ -238,7 +238,8 @@ def gather_full_state_dict(module: nn.Module, tp: TensorParallel, keep: bool = T
     state dict with every shard re-assembled (on CPU); ranks with keep=False only take part and return {}.
     ZeRO-3 partitions are gathered one parameter at a time, so no rank holds the whole model on the device.
     master(p), where given: the optimizer's fp32 master of p (the rank's tensor shard), to take in place of its
-    bf16/fp16 working copy (engine.py's fp32_master; collective over the data-parallel group under ZeRO-1/2)."""
+    bf16/fp16 working copy (pretrain/engine.py's fp32_master; collective over the data-parallel group under
+    ZeRO-1/2)."""
     import deepspeed
 
     out = {}

@@ -71,8 +71,8 @@ class PipelineLoss:
 
     def __init__(self, heads: HeadsStage):
         self.heads = heads
-        self.grad_scale = 1.0  # set by engine.py before each train_batch (see model.mtp_loss)
-        self.with_acceptance = False  # set by engine.py around eval_batch: also count draft acceptance
+        self.grad_scale = 1.0  # set by pretrain/engine.py before each train_batch (see model.mtp_loss)
+        self.with_acceptance = False  # set by pretrain/engine.py around eval_batch: also count draft acceptance
         self.reset()
 
     def reset(self) -> None:
