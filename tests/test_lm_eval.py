@@ -204,7 +204,8 @@ def test_an_hf_export_with_heads_loads_as_the_consolidated_model(setup):
             Instance("generate_until", {}, ("class Progress", {"max_gen_toks": 10}), 1, metadata=("g", 1, 1))]
     consolidated, export = MTPLM(model=str(setup / "model")), MTPLM(model=str(setup / "hf"))
     assert export.kind == "hf_export" and export.draft_heads == 3
-    assert export.loglikelihood(reqs[:1], disable_tqdm=True) == pytest.approx(
-        consolidated.loglikelihood(reqs[:1], disable_tqdm=True), rel=1e-6)
+    [(got, got_greedy)] = export.loglikelihood(reqs[:1], disable_tqdm=True)
+    [(want, want_greedy)] = consolidated.loglikelihood(reqs[:1], disable_tqdm=True)
+    assert got == pytest.approx(want, rel=1e-6) and got_greedy == want_greedy
     assert export.generate_until(reqs[1:], disable_tqdm=True) == consolidated.generate_until(reqs[1:], disable_tqdm=True)
     assert export.decoding["g"]["tokens_per_forward"] == consolidated.decoding["g"]["tokens_per_forward"]
