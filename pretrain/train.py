@@ -18,7 +18,6 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
 from mtplm.pretrain.config import ConfigError, TrainConfig, config_error_exit, load_config
-from mtplm.pretrain.preflight import check_input_files, check_layout
 
 
 def parse_args(argv: list[str] | None = None, check_datasets: bool = False) -> TrainConfig:
@@ -36,6 +35,9 @@ def parse_args(argv: list[str] | None = None, check_datasets: bool = False) -> T
     args, overrides = parser.parse_known_args(argv)
     if args.deepspeed_config:
         overrides += ["--train.deepspeed_config", args.deepspeed_config]
+    # The checks load torch and the data pipeline: not before --help has been answered.
+    from mtplm.pretrain.preflight import check_input_files, check_layout
+
     try:
         cfg = load_config(TrainConfig, args.config, overrides)
         # The layout first (world size, ZeRO stage against pipeline stages), then the files it would read.

@@ -63,6 +63,7 @@ def prepare_data(recipe: str, preset: Preset, out: Path, data_seed: int) -> Path
     if not (train.is_file() and test.is_file()):
         if recipe == "polynomial":
             docs, tests = polynomial.make_datasets(data_seed, preset.train_docs, preset.test_docs,
+                                                   train_ms=range(1, preset.train_max_m + 1),
                                                    ring=polynomial.Ring(d=preset.ring_terms))
             records = ({"text": d} for d in docs)
         elif recipe == "induction":
@@ -200,7 +201,7 @@ def write_results(args, preset: Preset, rows: list[dict], out: Path) -> None:
     if args.recipe == "polynomial":
         ring = polynomial.Ring(d=preset.ring_terms)
         header = (f"Polynomial arithmetic in {ring}, preset {args.preset} ({cmd}): greedy exact match by "
-                  f"number of operations m (trained on m = 1..5).")
+                  f"number of operations m (trained on m = 1..{preset.train_max_m}).")
         write_table(rows, out, header, "m")
         plot_by_difficulty(rows, out / "plot.png", "m (operations)", f"Polynomial arithmetic in {ring} ({args.preset})")
     elif args.recipe == "bytes":

@@ -28,7 +28,7 @@ def test_paper_presets_are_the_papers_settings(tmp_path):
         assert cfg["train"]["global_batch_size"] == s["batch_size"] and cfg["data"]["seq_len"] == s["seq_len"]
         from_dict(TrainConfig, cfg)  # a valid training config
     assert poly.shape("30M")["seq_len"] == 1024 and poly.shape("100M")["seq_len"] == 2048
-    assert ind.test_docs == 100 and poly.test_docs == 2000 and poly.ring_terms == 5
+    assert ind.test_docs == 100 and poly.test_docs == 2000 and poly.ring_terms == 5 and poly.train_max_m == 5
 
 
 def test_set_changes_scalar_fields_with_their_types():
@@ -72,3 +72,20 @@ def test_global_batch_size_sets_the_accumulation_for_the_data_parallel_size():
     cfg.train.micro_batch_size, cfg.train.global_batch_size, cfg.train.grad_accum_steps = 16, 128, 3
     with pytest.raises(ConfigError, match="global_batch_size .128. and train.grad_accum_steps .3. disagree"):
         check_world_size(cfg, 2)
+
+
+def test_a_presets_training_problems_have_at_most_train_max_m_operations(tmp_path):
+    """train_max_m bounds the training problems' operations (the cpu analogue trains on fewer than the paper's 5);
+    the test sets keep every m, so m beyond it is out of domain."""
+    import json
+
+    from mtplm.recipes.run import prepare_data
+
+    preset = with_changes(PRESETS["polynomial"]["tiny"], ["train_max_m=2", "ring_terms=3"])
+    prepare_data("polynomial", preset, tmp_path, 0)
+    docs = [json.loads(line)["text"] for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
+    ops = [sum(d.split("=")[0].count(c) for c in "-+*@") for d in docs]
+    assert len(docs) == preset.train_docs and set(ops) == {1, 2}
+    assert all(len(d.split("=")[1]) == 3 for d in docs)
+    tests = [json.loads(line) for line in (tmp_path / "data" / "test.jsonl").read_text().splitlines()]
+    assert {t["m"] for t in tests} == set(range(1, 11))
