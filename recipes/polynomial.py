@@ -116,6 +116,9 @@ def make_datasets(seed: int, train_size: int, test_per_m: int, train_ms=range(1,
     """(training documents, test records). Test sets first, fixed by the seed, distinct within each m;
     training problems (m drawn uniformly from train_ms) whose expression is in a test set are redrawn, so the
     two are disjoint by expression string. A test record's groups are m and, for m = 1, the operator."""
+    if not list(train_ms) or min(train_ms) < 1:
+        raise ValueError(f"training problems need at least 1 operation: train_max_m must be 1 or more, "
+                         f"got training m = {list(train_ms)}")
     rng = random.Random(f"polynomial-test-{seed}")
     tests, seen = [], set()
     for m in test_ms:

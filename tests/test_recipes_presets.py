@@ -89,3 +89,10 @@ def test_a_presets_training_problems_have_at_most_train_max_m_operations(tmp_pat
     assert all(len(d.split("=")[1]) == 3 for d in docs)
     tests = [json.loads(line) for line in (tmp_path / "data" / "test.jsonl").read_text().splitlines()]
     assert {t["m"] for t in tests} == set(range(1, 11))
+
+
+def test_a_preset_without_training_operations_is_refused_by_name(tmp_path):
+    from mtplm.recipes.run import prepare_data
+
+    with pytest.raises(ValueError, match="train_max_m must be 1 or more"):
+        prepare_data("polynomial", with_changes(PRESETS["polynomial"]["tiny"], ["train_max_m=0"]), tmp_path, 0)
