@@ -179,19 +179,28 @@ def _save(plt, fig, path: Path) -> None:
     plt.close(fig)
 
 
+def curves_by_tokens(rows: list[dict]) -> dict:
+    """(size, n) -> [(training tokens, mean, min, max)] of accuracy over seeds, at the checkpoints every seed of
+    that (size, n) has: a run that was stopped and continued keeps a checkpoint at its stop, and a mean over that
+    one seed would read as a dip or a jump of the whole line."""
+    lines = defaultdict(lambda: defaultdict(list))
+    seeds = defaultdict(int)
+    for r in rows:
+        seeds[(r["size"], r["n"])] += 1
+        for point in r["curve"]:
+            lines[(r["size"], r["n"])][point["tokens"]].append(point["accuracy"])
+    return {key: [(x, *_mean_spread(points[x])) for x in sorted(points) if len(points[x]) == seeds[key]]
+            for key, points in sorted(lines.items())}
+
+
 def plot_by_tokens(rows: list[dict], path: Path, title: str) -> None:
     """Accuracy at each evaluated checkpoint against training tokens, one line per (size, n), mean over seeds."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    lines = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        for point in r["curve"]:
-            lines[(r["size"], r["n"])][point["tokens"]].append(point["accuracy"])
-    for (size, n), points in sorted(lines.items()):
-        xs = sorted(points)
-        stats = [_mean_spread(points[x]) for x in xs]
-        ax.plot(xs, [s[0] for s in stats], marker="o", label=f"{size} n={n}")
-        ax.fill_between(xs, [s[1] for s in stats], [s[2] for s in stats], alpha=0.15)
+    for (size, n), points in curves_by_tokens(rows).items():
+        xs = [p[0] for p in points]
+        ax.plot(xs, [p[1] for p in points], marker="o", label=f"{size} n={n}")
+        ax.fill_between(xs, [p[2] for p in points], [p[3] for p in points], alpha=0.15)
     levels = [r["random_name_accuracy"] for r in rows if "random_name_accuracy" in r]
     if levels:  # the level that copying a random earlier name reaches
         ax.axhline(sum(levels) / len(levels), color="grey", linestyle="--", label="copying a random earlier name")

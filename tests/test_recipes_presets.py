@@ -7,7 +7,7 @@ from mtplm.config import ConfigError, from_dict
 from mtplm.pretrain.config import TrainConfig
 from mtplm.pretrain.parallel.layout import check_world_size
 from mtplm.recipes.presets import PRESETS, with_changes
-from mtplm.recipes.report import summarise, verdict
+from mtplm.recipes.report import curves_by_tokens, summarise, verdict
 from mtplm.recipes.run import model_config, train_config
 
 
@@ -57,6 +57,13 @@ def test_verdicts_need_seeds_that_do_not_overlap():
     assert "verdict" not in one["accuracy"] and two["accuracy"]["verdict"] == "better"
     assert two["accuracy"]["mean"] == pytest.approx(0.5) and two["accuracy_by"]["2"]["min"] == 0.4
 
+
+def test_accuracy_curves_average_only_the_checkpoints_every_seed_has():
+    """A run stopped and continued keeps a checkpoint at its stop; averaging that one seed would draw a dip."""
+    def row(seed, points):
+        return {"size": "s", "n": 1, "seed": seed, "curve": [{"tokens": t, "accuracy": a} for t, a in points]}
+    rows = [row(1, [(100, 0.1), (200, 0.3)]), row(2, [(100, 0.2), (150, 0.0), (200, 0.5)])]
+    assert curves_by_tokens(rows) == {("s", 1): [(100, pytest.approx(0.15), 0.1, 0.2), (200, pytest.approx(0.4), 0.3, 0.5)]}
 
 def test_global_batch_size_sets_the_accumulation_for_the_data_parallel_size():
     cfg = TrainConfig()
