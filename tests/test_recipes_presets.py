@@ -63,7 +63,9 @@ def test_accuracy_curves_average_only_the_checkpoints_every_seed_has():
     def row(seed, points):
         return {"size": "s", "n": 1, "seed": seed, "curve": [{"tokens": t, "accuracy": a} for t, a in points]}
     rows = [row(1, [(100, 0.1), (200, 0.3)]), row(2, [(100, 0.2), (150, 0.0), (200, 0.5)])]
-    assert curves_by_tokens(rows) == {("s", 1): [(100, pytest.approx(0.15), 0.1, 0.2), (200, pytest.approx(0.4), 0.3, 0.5)]}
+    assert curves_by_tokens(rows) == {("s", 1): [(100, pytest.approx(0.15), 0.1, 0.2),
+                                                 (200, pytest.approx(0.4), 0.3, 0.5)]}
+
 
 def test_global_batch_size_sets_the_accumulation_for_the_data_parallel_size():
     cfg = TrainConfig()
