@@ -116,9 +116,10 @@ def make_datasets(seed: int, train_size: int, test_per_m: int, train_ms=range(1,
     """(training documents, test records). Test sets first, fixed by the seed, distinct within each m;
     training problems (m drawn uniformly from train_ms) whose expression is in a test set are redrawn, so the
     two are disjoint by expression string. A test record's groups are m and, for m = 1, the operator."""
-    if not list(train_ms) or min(train_ms) < 1:
+    train_ms = list(train_ms)
+    if not train_ms or min(train_ms) < 1:
         raise ValueError(f"training problems need at least 1 operation: train_max_m must be 1 or more, "
-                         f"got training m = {list(train_ms)}")
+                         f"got training m = {train_ms}")
     rng = random.Random(f"polynomial-test-{seed}")
     tests, seen = [], set()
     for m in test_ms:
@@ -133,7 +134,6 @@ def make_datasets(seed: int, train_size: int, test_per_m: int, train_ms=range(1,
                 tests.append({"prompt": prompt, "answer": answer, "m": m, **({"op": op} if m == 1 else {})})
                 taken += 1
     rng = random.Random(f"polynomial-train-{seed}")
-    train_ms = list(train_ms)
     docs = []
     while len(docs) < train_size:
         prompt, answer, _ = problem(rng, rng.choice(train_ms), ring)

@@ -8,7 +8,7 @@ from mtplm.pretrain.config import TrainConfig
 from mtplm.pretrain.parallel.layout import check_world_size
 from mtplm.recipes.presets import PRESETS, with_changes
 from mtplm.recipes.report import curves_by_tokens, summarise, verdict
-from mtplm.recipes.run import model_config, train_config
+from mtplm.recipes.run import model_config, prepare_data, train_config
 
 
 def test_paper_presets_are_the_papers_settings(tmp_path):
@@ -101,7 +101,5 @@ def test_a_presets_training_problems_have_at_most_train_max_m_operations(tmp_pat
 
 
 def test_a_preset_without_training_operations_is_refused_by_name(tmp_path):
-    from mtplm.recipes.run import prepare_data
-
     with pytest.raises(ValueError, match="train_max_m must be 1 or more"):
         prepare_data("polynomial", with_changes(PRESETS["polynomial"]["tiny"], ["train_max_m=0"]), tmp_path, 0)
